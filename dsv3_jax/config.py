@@ -1,0 +1,356 @@
+"""ModelConfig: every architecture field of DeepSeek-V3 (paper §2, §4.2; reference §1), named presets and the
+mapping to and from Hugging Face ``config.json``.
+
+Field names follow the Hugging Face config keys where one exists, so a researcher can read a released
+``config.json`` next to this file. Presets are plain instances; variants are ``dataclasses.replace(cfg, ...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+ROPE_TYPES = ("default", "yarn")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """DeepSeek-V3 architecture; the defaults are the released 671B model."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense SwiGLU of the first k layers
+    moe_intermediate_size: int = 2048  # one routed or shared expert
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3  # layers [0, k) are dense, the rest MoE
+    num_attention_heads: int = 128
+    # Multi-head latent attention (paper §2.1.1). q_lora_rank 0 means no query compression (V2-Lite).
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # DeepSeekMoE (paper §2.1.2).
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8  # expert groups (= nodes in training); 1 disables group-limited routing
+    topk_group: int = 4  # groups a token may reach
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
+    expert_bias: bool = True  # aux-loss-free bias terms (HF topk_method "noaux_tc")
+    norm_topk_prob: bool = True  # renormalise the K selected affinities
+    # Multi-token prediction (paper §2.2): number of sequential MTP modules D.
+    num_mtp_layers: int = 1
+    rms_norm_eps: float = 1e-6
+    # RoPE on the decoupled key/query, with optional YaRN extension (paper §4.3; reference §3.4).
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_type: str = "yarn"  # "default" or "yarn"
+    rope_factor: float = 40.0
+    rope_original_max_position_embeddings: int = 4096
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float | None = 1.0  # None when config.json omits it (changes the cos/sin factor)
+    rope_mscale_all_dim: float | None = 1.0  # drives the mscale^2 softmax factor
+    rope_attention_factor: float | None = None  # explicit cos/sin factor; None derives it as HF does
+    rope_truncate: bool = True  # floor/ceil the YaRN correction range
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006  # paper §4.2 (config.json's 0.02 is HF's default)
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+
+    # ----- derived sizes -----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def mtp_layer_is_moe(self) -> bool:
+        """MTP blocks sit at layer index num_hidden_layers + k, so they are MoE layers like HF's index rule."""
+        return self.num_hidden_layers >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @property
+    def uses_yarn(self) -> bool:
+        return self.rope_type == "yarn"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """dataclasses.replace, then validate."""
+        return dataclasses.replace(self, **changes).validate()
+
+    # ----- validation -----
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the field for every impossible combination; return self."""
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        non_negative = ("q_lora_rank", "first_k_dense_replace", "num_mtp_layers", "n_shared_experts",
+                        "n_routed_experts", "intermediate_size", "moe_intermediate_size")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(f"ModelConfig.first_k_dense_replace ({self.first_k_dense_replace}) exceeds "
+                             f"num_hidden_layers ({self.num_hidden_layers})")
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            raise ValueError("ModelConfig.intermediate_size must be positive when first_k_dense_replace > 0")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
+                             f"got {self.qk_rope_head_dim}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"ModelConfig.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+        has_moe = self.num_moe_layers > 0 or self.num_mtp_layers > 0
+        if has_moe:
+            self._validate_moe()
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"ModelConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.uses_yarn:
+            if not self.rope_factor >= 1.0:
+                raise ValueError(f"ModelConfig.rope_factor must be >= 1 for YaRN, got {self.rope_factor}")
+            if self.rope_original_max_position_embeddings <= 0:
+                raise ValueError("ModelConfig.rope_original_max_position_embeddings must be positive, got "
+                                 f"{self.rope_original_max_position_embeddings}")
+            if not self.rope_beta_fast > self.rope_beta_slow > 0:
+                raise ValueError(f"ModelConfig.rope_beta_fast ({self.rope_beta_fast}) must exceed "
+                                 f"rope_beta_slow ({self.rope_beta_slow}) > 0")
+        if self.initializer_range <= 0:
+            raise ValueError(f"ModelConfig.initializer_range must be > 0, got {self.initializer_range}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name} ({value}) is outside the vocabulary [0, {self.vocab_size})")
+        return self
+
+    def _validate_moe(self) -> None:
+        e = self.n_routed_experts
+        if e <= 0:
+            raise ValueError("ModelConfig.n_routed_experts must be positive when the model has MoE layers "
+                             f"(first_k_dense_replace={self.first_k_dense_replace} < num_hidden_layers="
+                             f"{self.num_hidden_layers}, or num_mtp_layers={self.num_mtp_layers} > 0)")
+        if self.moe_intermediate_size <= 0:
+            raise ValueError("ModelConfig.moe_intermediate_size must be positive when the model has MoE layers")
+        if not 0 < self.num_experts_per_tok <= e:
+            raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, n_routed_experts={e}], "
+                             f"got {self.num_experts_per_tok}")
+        if self.n_group <= 0 or e % self.n_group:
+            raise ValueError(f"ModelConfig.n_group ({self.n_group}) must be positive and divide "
+                             f"n_routed_experts ({e})")
+        if not 0 < self.topk_group <= self.n_group:
+            raise ValueError(f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+        per_group = e // self.n_group
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            raise ValueError(f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts "
+                             f"reachable in topk_group={self.topk_group} groups of {per_group}")
+        if self.n_group > 1 and self.expert_bias and per_group < 2:
+            raise ValueError(f"ModelConfig.n_group ({self.n_group}) leaves {per_group} expert per group; the "
+                             "top-2-sum group score of biased routing needs at least 2")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"ModelConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+
+    # ----- Hugging Face config.json -----
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict (released ``rope_scaling`` or transformers>=5
+        ``rope_parameters``); raises ValueError for architectures this model does not implement."""
+        return _from_hf(cls, hf)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict (released key names, ``rope_scaling`` form) that transformers and from_hf read."""
+        return _to_hf(self)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read a config.json file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_hf(data)
+
+
+def _from_hf(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf.get("model_type", "deepseek_v3")
+    if model_type not in ("deepseek_v3", "deepseek_v2"):
+        raise ValueError(f"config.json model_type {model_type!r} is not supported (deepseek_v3 or deepseek_v2)")
+    v3 = model_type == "deepseek_v3"
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act {act!r} is not supported (DeepSeek uses 'silu')")
+    if hf.get("attention_bias", False):
+        raise ValueError("config.json attention_bias=true is not supported (DeepSeek projections have no bias)")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"config.json moe_layer_freq {hf['moe_layer_freq']} is not supported (must be 1)")
+    topk_method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
+    if topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+        raise ValueError(f"config.json topk_method {topk_method!r} is not supported")
+    scoring = hf.get("scoring_func", "sigmoid" if v3 else "softmax")
+
+    def req(key: str) -> Any:
+        if key not in hf:
+            raise ValueError(f"config.json lacks the required key {key!r}")
+        return hf[key]
+
+    rope = _rope_from_hf(hf)
+    n_group = hf.get("n_group") or 1
+    kwargs = dict(
+        vocab_size=req("vocab_size"), hidden_size=req("hidden_size"),
+        intermediate_size=req("intermediate_size"), moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+        num_hidden_layers=req("num_hidden_layers"), first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+        num_attention_heads=req("num_attention_heads"), q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=req("kv_lora_rank"), qk_nope_head_dim=req("qk_nope_head_dim"),
+        qk_rope_head_dim=req("qk_rope_head_dim"), v_head_dim=req("v_head_dim"),
+        n_routed_experts=hf.get("n_routed_experts") or 0, n_shared_experts=hf.get("n_shared_experts") or 0,
+        num_experts_per_tok=hf.get("num_experts_per_tok") or 1, n_group=n_group,
+        topk_group=hf.get("topk_group") or n_group,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), scoring_func=scoring,
+        expert_bias=topk_method == "noaux_tc", norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
+        num_mtp_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=req("max_position_embeddings"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        initializer_range=0.006, bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=_first_id(hf.get("eos_token_id")), **rope,
+    )
+    return cls(**kwargs).validate()
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    params = hf.get("rope_parameters")
+    if params is None:
+        params = hf.get("rope_scaling")
+    params = dict(params or {})
+    if params and any(isinstance(v, dict) for v in params.values()):
+        raise ValueError("config.json per-layer-type rope_parameters are not supported")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config.json rope type {rope_type!r} is not supported (default or yarn)")
+    out: dict[str, Any] = dict(rope_theta=float(theta), rope_type=rope_type)
+    if rope_type == "yarn":
+        orig = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        factor = params.get("factor")
+        if factor is None:  # transformers derives it from the two lengths
+            factor = hf["max_position_embeddings"] / orig
+        out.update(
+            rope_factor=float(factor), rope_original_max_position_embeddings=int(orig),
+            rope_beta_fast=float(params.get("beta_fast") or 32.0), rope_beta_slow=float(params.get("beta_slow") or 1.0),
+            rope_mscale=_opt_float(params.get("mscale")), rope_mscale_all_dim=_opt_float(params.get("mscale_all_dim")),
+            rope_attention_factor=_opt_float(params.get("attention_factor")),
+            rope_truncate=bool(params.get("truncate", True)),
+        )
+    return out
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "first_k_dense_replace": cfg.first_k_dense_replace, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank or None,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor, "scoring_func": cfg.scoring_func,
+        "topk_method": "noaux_tc" if cfg.expert_bias else ("group_limited_greedy" if cfg.n_group > 1 else "greedy"),
+        "norm_topk_prob": cfg.norm_topk_prob, "num_nextn_predict_layers": cfg.num_mtp_layers,
+        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta, "rope_interleave": True, "hidden_act": "silu", "attention_bias": False,
+        "moe_layer_freq": 1, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "initializer_range": cfg.initializer_range, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+    }
+    if cfg.uses_yarn:
+        scaling: dict[str, Any] = {
+            "type": "yarn", "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
+            "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow, "truncate": cfg.rope_truncate,
+        }
+        for key, value in (("mscale", cfg.rope_mscale), ("mscale_all_dim", cfg.rope_mscale_all_dim),
+                           ("attention_factor", cfg.rope_attention_factor)):
+            if value is not None:
+                scaling[key] = value
+        hf["rope_scaling"] = scaling
+    else:
+        hf["rope_scaling"] = None
+    return hf
+
+
+# ----- presets -----
+
+DEEPSEEK_V3 = ModelConfig()
+
+DEEPSEEK_V2_LITE = ModelConfig(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=0,
+    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, scoring_func="softmax", expert_bias=False, norm_topk_prob=False,
+    num_mtp_layers=0, rope_mscale=0.707, rope_mscale_all_dim=0.707, bos_token_id=100000, eos_token_id=100001,
+)
+
+SMALL = ModelConfig(
+    vocab_size=4096, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=6,
+    first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
+    qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
+    n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, num_mtp_layers=1,
+    max_position_embeddings=2048, rope_theta=10000.0, rope_type="default",
+)
+
+TINY = ModelConfig(
+    vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, num_mtp_layers=1,
+    max_position_embeddings=512, rope_type="default",
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "deepseek-v3": DEEPSEEK_V3,
+    "deepseek-v2-lite": DEEPSEEK_V2_LITE,
+    "small": SMALL,
+    "tiny": TINY,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The named preset; ValueError lists the known names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+

@@ -1,0 +1,62 @@
+"""Training losses: next-token cross-entropy, the MTP loss (paper §2.2, eqs. 24-25) and the sequence-wise
+balance loss (paper §2.1.2, eqs. 17-20)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+    """Mean over unmasked positions of -log softmax(logits)[target], in float32."""
+    logits = logits_BTV.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = logz - picked
+    if mask_BT is None:
+        return jnp.mean(nll)
+    mask = mask_BT.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """Main-model loss: position i predicts token i+1 (T-1 terms per sequence)."""
+    return cross_entropy(logits_BTV[:, :-1], tokens_BT[:, 1:])
+
+
+def mtp_loss(mtp_logits_DBTV: jax.Array, tokens_BT: jax.Array, weight: float | jax.Array = 1.0) -> jax.Array:
+    """(lambda/D) sum_k L^k with L^k = -(1/T') sum_i log P^k_i[t_{i+1+k}] (eqs. 24-25).
+
+    Module k (1-based) at position i predicts token i+1+k, so it has T-1-k terms; as in eq. 24 the normaliser is
+    the main model's count T' = T-1 per sequence, not the number of terms.
+    """
+    d, b, t, _ = mtp_logits_DBTV.shape
+    total = jnp.zeros((), jnp.float32)
+    for k in range(1, d + 1):
+        n = t - 1 - k
+        if n <= 0:
+            continue
+        logits = mtp_logits_DBTV[k - 1, :, :n].astype(jnp.float32)
+        targets = tokens_BT[:, 1 + k:]
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        total = total + jnp.sum(nll) / (b * (t - 1))
+    return weight * total / max(d, 1)
+
+
+def sequence_balance_terms(scores_BTE: jax.Array, experts_BTK: jax.Array) -> jax.Array:
+    """sum_i f_i P_i per sequence [B] (eqs. 18-20; multiply by alpha for L_Bal).
+
+    f_i = E/(K T) * #{t : i routed at t} (the routed set, bias included), P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+    """
+    _, t, e = scores_BTE.shape
+    k = experts_BTK.shape[-1]
+    s = scores_BTE.astype(jnp.float32)
+    p_BE = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=1)
+    hits_BE = jnp.sum(jax.nn.one_hot(experts_BTK, e, dtype=jnp.float32), axis=(1, 2))
+    f_BE = hits_BE * (e / (k * t))
+    return jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1)
+
+
+def sequence_balance_loss(scores_BTE: jax.Array, experts_BTK: jax.Array, alpha: float = 1e-4) -> jax.Array:
+    """L_Bal = alpha * sum_i f_i P_i, averaged over the sequences of the batch."""
+    return alpha * jnp.mean(sequence_balance_terms(scores_BTE, experts_BTK))

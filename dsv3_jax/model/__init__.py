@@ -1,0 +1,1 @@
+"""Model blocks: norm, rope (YaRN), mla, moe, ffn, transformer (with MTP)."""

@@ -1,0 +1,28 @@
+"""SwiGLU feed-forward (reference §3.1): the dense FFN of the first k layers and the shared experts."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dsv3_jax.model.params import param, values
+
+
+def swiglu(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array) -> jax.Array:
+    """down(silu(x.gate) * (x.up))."""
+    dt = x_BTD.dtype
+    h = jax.nn.silu(x_BTD @ w_gate_DF.astype(dt)) * (x_BTD @ w_up_DF.astype(dt))
+    return h @ w_down_FD.astype(dt)
+
+
+class MLP(nnx.Module):
+    """A SwiGLU MLP of hidden width `width` (dense FFN: intermediate_size; shared experts: n_shared * moe width)."""
+
+    def __init__(self, dim: int, width: int, dtype, rngs: nnx.Rngs, std: float, axis: str = "mlp"):
+        self.w_gate = param(rngs, (dim, width), ("embed", axis), dtype, std=std)
+        self.w_up = param(rngs, (dim, width), ("embed", axis), dtype, std=std)
+        self.w_down = param(rngs, (width, dim), (axis, "embed"), dtype, std=std)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        p = values(self)
+        return swiglu(x_BTD, p["w_gate"], p["w_up"], p["w_down"])

@@ -1,0 +1,117 @@
+"""Multi-head Latent Attention (paper §2.1.1, eqs. 1-11; reference §3.3).
+
+Dimension letters: B batch, T query tokens, S key tokens, D model, H heads, Q query latent (q_lora_rank),
+C kv latent (kv_lora_rank), K nope head dim, R rope dim, V value head dim.
+
+Two forms of the same function:
+- `mla_naive` (training): up-project the latent to per-head keys and values, then ordinary attention;
+- `mla_absorbed` (decoding): fold W^UK into the query and W^UV into the output, so attention runs directly
+  over the cached latent c^KV [C] and the shared rotated key k^R [R]: C + R values per token per layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.norm import rms_norm
+from dsv3_jax.model.params import param, values
+from dsv3_jax.model.rope import apply_rope, softmax_scale
+
+Params = dict[str, jax.Array]
+
+
+def mla_latents(p: Params, x_BTD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array, cfg: ModelConfig):
+    """Queries and the compressed KV: q_nope [B,T,H,K], rotated q_pe [B,T,H,R], normalised c_kv [B,T,C] and the
+    rotated shared key k_pe [B,T,R] (the two tensors the absorbed cache stores)."""
+    dt = x_BTD.dtype
+    if cfg.q_lora_rank:
+        c_q_BTQ = rms_norm(x_BTD @ p["wq_a"].astype(dt), p["q_norm"], cfg.rms_norm_eps)
+        q_BTHK = jnp.einsum("btq,qhk->bthk", c_q_BTQ, p["wq_b"].astype(dt))
+    else:
+        q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, p["wq"].astype(dt))
+    q_nope, q_pe = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
+    kv_BTX = x_BTD @ p["wkv_a"].astype(dt)
+    c_kv, k_pe = jnp.split(kv_BTX, [cfg.kv_lora_rank], axis=-1)
+    c_kv = rms_norm(c_kv, p["kv_norm"], cfg.rms_norm_eps)
+    q_pe = apply_rope(q_pe, cos_BTR[:, :, None, :], sin_BTR[:, :, None, :])
+    k_pe = apply_rope(k_pe, cos_BTR, sin_BTR)
+    return q_nope, q_pe, c_kv, k_pe
+
+
+def masked_softmax(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
+    """softmax(scale * scores) over S in float32 where mask is True (a fully masked row gives zeros)."""
+    s = scores_BHTS.astype(jnp.float32) * scale
+    s = jnp.where(mask_BTS[:, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+
+
+def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, scale: float) -> jax.Array:
+    """MLA with per-head keys/values materialised (the training form)."""
+    dt = x_BTD.dtype
+    q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg)
+    kv_BSHX = jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt))
+    k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
+    # q.k over the concatenation [nope; rope] is the sum of the two partial products.
+    scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    probs = masked_softmax(scores, mask_BTS, scale).astype(dt)
+    o_BTHV = jnp.einsum("bhts,bshv->bthv", probs, v_BSHV)
+    return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
+
+
+def absorb_query(p: Params, q_nope_BTHK: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """q_lat [B,T,H,C] = q_nope . W^UK: the query expressed in the latent space."""
+    w_uk_CHK = p["wkv_b"][..., : cfg.qk_nope_head_dim].astype(q_nope_BTHK.dtype)
+    return jnp.einsum("bthk,chk->bthc", q_nope_BTHK, w_uk_CHK)
+
+
+def attend_latent(q_lat_BTHC, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_BTS, scale: float) -> jax.Array:
+    """Attention over the latent cache: softmax(q_lat.c_kv + q_pe.k_pe) . c_kv -> o_lat [B,T,H,C]."""
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC)
+              + jnp.einsum("bthr,bsr->bhts", q_pe_BTHR, k_pe_BSR))
+    probs = masked_softmax(scores, mask_BTS, scale).astype(c_kv_BSC.dtype)
+    return jnp.einsum("bhts,bsc->bthc", probs, c_kv_BSC)
+
+
+def absorbed_output(p: Params, o_lat_BTHC: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """o = (o_lat . W^UV) . W^O -> [B,T,D]."""
+    dt = o_lat_BTHC.dtype
+    w_uv_CHV = p["wkv_b"][..., cfg.qk_nope_head_dim:].astype(dt)
+    o_BTHV = jnp.einsum("bthc,chv->bthv", o_lat_BTHC, w_uv_CHV)
+    return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
+
+
+def mla_absorbed(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, scale: float) -> jax.Array:
+    """MLA in the weight-absorbed form over this sequence's own latents (equal to mla_naive)."""
+    q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg)
+    o_lat = attend_latent(absorb_query(p, q_nope, cfg), q_pe, c_kv, k_pe, mask_BTS, scale)
+    return absorbed_output(p, o_lat, cfg)
+
+
+class MLA(nnx.Module):
+    """MLA parameters (layout [in, ..., out]; see dsv3_jax/hf.py for the checkpoint mapping)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, std = cfg.hidden_size, cfg.num_attention_heads, cfg.initializer_range
+        if cfg.q_lora_rank:
+            self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), dtype, std=std)
+            self.q_norm = param(rngs, (cfg.q_lora_rank,), ("q_lora",), dtype, init="ones")
+            self.wq_b = param(rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"), dtype,
+                              std=std)
+        else:
+            self.wq = param(rngs, (d, h, cfg.qk_head_dim), ("embed", "heads", "qk_head"), dtype, std=std)
+        self.wkv_a = param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), dtype, std=std)
+        self.kv_norm = param(rngs, (cfg.kv_lora_rank,), ("kv_lora",), dtype, init="ones")
+        self.wkv_b = param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                           ("kv_lora", "heads", "kv_head"), dtype, std=std)
+        self.wo = param(rngs, (h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), dtype, std=std)
+
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, absorbed: bool = False) -> jax.Array:
+        fn = mla_absorbed if absorbed else mla_naive
+        return fn(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg))

@@ -1,0 +1,159 @@
+"""DeepSeekMoE (paper §2.1.2, eqs. 12-16; reference §4): router and dropless routed experts.
+
+Dimension letters: T tokens (flattened B*T), D model, E routed experts, K experts per token, G groups,
+F expert width, P rows of the expert-sorted buffer.
+
+Routing: sigmoid (V3) or softmax (V2) affinities s; the bias b only chooses experts (s + b), the gate values use
+the unbiased s. Group-limited routing keeps the topk_group groups with the best group score (sum of the top-2
+biased scores with a bias, max without) and masks the other groups with -inf. The chosen affinities are
+renormalised when norm_topk_prob and scaled by routed_scaling_factor.
+
+Dropless: every (token, expert) pair is placed in an expert-sorted buffer and run through a grouped matmul; no
+capacity factor, no token is ever dropped.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.losses import sequence_balance_terms
+from dsv3_jax.model.ffn import MLP
+from dsv3_jax.model.params import ExpertBias, param
+
+
+class Routing(NamedTuple):
+    weights_TK: jax.Array  # float32 gate values g (renormalised, scaled)
+    experts_TK: jax.Array  # int32 chosen expert ids
+    scores_TE: jax.Array  # float32 unbiased affinities s
+
+
+def route(x_TD: jax.Array, router_DE: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig) -> Routing:
+    """Top-K expert choice per token (float32 throughout)."""
+    logits = x_TD.astype(jnp.float32) @ router_DE.astype(jnp.float32)
+    if cfg.scoring_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    else:
+        scores = jax.nn.softmax(logits, axis=-1)
+    choice = scores if bias_E is None else scores + bias_E.astype(jnp.float32)
+    if cfg.n_group > 1:
+        t, e = choice.shape
+        grouped_TGX = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+        if bias_E is None:
+            group_score_TG = jnp.max(grouped_TGX, axis=-1)
+        else:
+            group_score_TG = jnp.sum(jax.lax.top_k(grouped_TGX, 2)[0], axis=-1)
+        _, keep_idx = jax.lax.top_k(group_score_TG, cfg.topk_group)
+        keep_TG = jnp.sum(jax.nn.one_hot(keep_idx, cfg.n_group, dtype=jnp.int32), axis=-2) > 0
+        choice = jnp.where(keep_TG[:, :, None], grouped_TGX, -jnp.inf).reshape(t, e)
+    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+class DispatchLayout(NamedTuple):
+    dest_TK: jax.Array  # row of each (token, slot) pair in the expert-sorted buffer
+    group_sizes_E: jax.Array  # rows per expert in the buffer (padded to a multiple of `tile`)
+    counts_E: jax.Array  # real tokens per expert
+    rows: int  # static buffer length P
+
+
+def dispatch_layout(experts_TK: jax.Array, num_experts: int, tile: int = 1) -> DispatchLayout:
+    """Expert-contiguous placement of all T*K pairs, each expert's segment padded to a multiple of `tile`.
+
+    The buffer length is the static worst case T*K + E*(tile-1), so no pair is ever dropped.
+    """
+    flat = experts_TK.reshape(-1)
+    n = flat.shape[0]
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    padded = (counts + tile - 1) // tile * tile
+    start = jnp.cumsum(counts) - counts
+    padded_start = jnp.cumsum(padded) - padded
+    order = jnp.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    dest_sorted = padded_start[sorted_e] + jnp.arange(n, dtype=jnp.int32) - start[sorted_e]
+    dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
+    rows = n if tile == 1 else -(-(n + num_experts * (tile - 1)) // tile) * tile
+    return DispatchLayout(dest.reshape(experts_TK.shape), padded, counts, rows)
+
+
+def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, tile: int) -> jax.Array:
+    """Row block g of x (group_sizes_E[g] rows, in order) times w[g]; rows past the groups give zeros.
+
+    tile == 1: jax.lax.ragged_dot. tile > 1 (segments padded to whole tiles): each tile belongs to one expert,
+    so a batched einsum over tiles does the same work, which is much faster on the CPU backend.
+    """
+    if tile == 1:
+        return jax.lax.ragged_dot(x_PD, w_EDF, group_sizes_E)
+    p, d = x_PD.shape
+    n_tiles = p // tile
+    ends = jnp.cumsum(group_sizes_E)
+    tile_expert = jnp.searchsorted(ends, jnp.arange(n_tiles) * tile, side="right")
+    tile_expert = jnp.minimum(tile_expert, w_EDF.shape[0] - 1)
+    out = jnp.einsum("ntd,ndf->ntf", x_PD.reshape(n_tiles, tile, d), w_EDF[tile_expert])
+    return out.reshape(p, -1)
+
+
+def default_tile() -> int:
+    """Grouped-matmul tile: padded tiles on the CPU, ragged_dot elsewhere."""
+    return 64 if jax.default_backend() == "cpu" else 1
+
+
+def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD,
+                   tile: int | None = None) -> jax.Array:
+    """sum_k g_k * SwiGLU_{e_k}(x) for every token, dropless (eq. 13's routed term)."""
+    tile = default_tile() if tile is None else tile
+    dt = x_TD.dtype
+    t, k = routing.experts_TK.shape
+    layout = dispatch_layout(routing.experts_TK, w_gate_EDF.shape[0], tile)
+    # Row r of the buffer holds token src[r]; padding rows point at an appended zero row.
+    src = jnp.full((layout.rows,), t, jnp.int32).at[layout.dest_TK.reshape(-1)].set(
+        jnp.repeat(jnp.arange(t, dtype=jnp.int32), k))
+    x_PD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), dt)])[src]
+    gs = layout.group_sizes_E
+    h = (jax.nn.silu(grouped_matmul(x_PD, w_gate_EDF.astype(dt), gs, tile))
+         * grouped_matmul(x_PD, w_up_EDF.astype(dt), gs, tile))
+    y_PD = grouped_matmul(h, w_down_EFD.astype(dt), gs, tile)
+    y_TKD = y_PD[layout.dest_TK]
+    out = jnp.einsum("tk,tkd->td", routing.weights_TK, y_TKD.astype(jnp.float32))
+    return out.astype(dt)
+
+
+class MoEAux(NamedTuple):
+    counts_E: jax.Array  # tokens routed to each expert (int32), for the bias update and MaxVio
+    balance: jax.Array  # sum_i f_i P_i averaged over sequences (eqs. 17-20 without alpha)
+
+
+class MoE(nnx.Module):
+    """Shared experts + routed experts with the router and its bias state."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e, f, std = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.initializer_range
+        self.router = param(rngs, (d, e), ("embed", "experts"), dtype, std=std)
+        self.expert_bias = ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("experts",),
+                                      eager_sharding=False) if cfg.expert_bias else None
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype, std=std)
+        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype, std=std)
+        self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype, std=std)
+        self.shared = (MLP(d, cfg.n_shared_experts * f, dtype, rngs, std, axis="shared_mlp")
+                       if cfg.n_shared_experts else None)
+
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEAux]:
+        b, t, d = x_BTD.shape
+        x_TD = x_BTD.reshape(b * t, d)
+        bias = None if self.expert_bias is None else self.expert_bias[...]
+        routing = route(x_TD, self.router[...], bias, self.cfg)
+        y = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...]).reshape(b, t, d)
+        if self.shared is not None:
+            y = y + self.shared(x_BTD)
+        k = self.cfg.num_experts_per_tok
+        balance = sequence_balance_terms(routing.scores_TE.reshape(b, t, -1), routing.experts_TK.reshape(b, t, k))
+        counts = jnp.bincount(routing.experts_TK.reshape(-1), length=self.cfg.n_routed_experts).astype(jnp.int32)
+        return y, MoEAux(counts, jnp.mean(balance))

@@ -1,0 +1,157 @@
+"""The DeepSeek-V3 transformer (paper §2; reference §3.1) with its multi-token-prediction modules (§2.2).
+
+Layers are stacked on a leading 'layers' axis and scanned (DESIGN principle 3): one stack for the first k dense
+layers, one for the MoE layers, one for the D MTP modules. Dimension letters: B batch, T tokens, D model,
+V vocab, L layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.ffn import MLP
+from dsv3_jax.model.mla import MLA
+from dsv3_jax.model.moe import MoE, MoEAux
+from dsv3_jax.model.norm import RMSNorm, rms_norm
+from dsv3_jax.model.params import param, scan_layers, stacked
+from dsv3_jax.model.rope import rope_cos_sin
+from dsv3_jax.precision import FP32, Precision
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] main head; position i predicts token i+1
+    mtp_logits: jax.Array | None  # [D, B, T, V]; module k at position i predicts token i+1+k (tail invalid)
+    expert_counts: jax.Array | None  # [L_moe, E] tokens per expert in each main MoE layer
+    mtp_expert_counts: jax.Array | None  # [D, E] the same for the MTP blocks
+    balance: jax.Array  # sum over main MoE layers of mean_b sum_i f_i P_i (eqs. 17-20, without alpha)
+    mtp_balance: jax.Array  # the same over the MTP blocks
+    hidden: jax.Array  # [B, T, D] main-model output after the final norm
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: h += MLA(norm(h)); h += FFN(norm(h)), FFN dense SwiGLU or MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs: nnx.Rngs):
+        self.is_moe = moe
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
+        self.attn = MLA(cfg, dtype, rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
+        self.ffn = (MoE(cfg, dtype, rngs) if moe
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, cfg.initializer_range))
+
+    def __call__(self, h_BTD, cos, sin, mask_BTS, absorbed: bool = False) -> tuple[jax.Array, MoEAux | None]:
+        h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos, sin, mask_BTS, absorbed)
+        if self.is_moe:
+            y, aux = self.ffn(self.ffn_norm(h_BTD))
+        else:
+            y, aux = self.ffn(self.ffn_norm(h_BTD)), None
+        return h_BTD + y, aux
+
+
+class MTPModule(nnx.Module):
+    """MTP module k (eqs. 21-22): h'_i = M_k [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)], h^k = TRM_k(h').
+
+    The concatenation puts the embedding first, as the released weights and the engines that load them do
+    (reference §6); eq. 21 writes the other order.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
+        self.eh_proj = param(rngs, (2 * d, d), ("mtp_concat", "embed"), dtype, std=cfg.initializer_range)
+        self.block = Block(cfg, cfg.mtp_layer_is_moe, dtype, rngs)
+        self.head_norm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
+
+    def __call__(self, h_prev_BTD, emb_BTD, cos, sin, mask_BTS):
+        x = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], axis=-1)
+        return self.block(x @ self.eh_proj[...].astype(x.dtype), cos, sin, mask_BTS)
+
+
+def causal_mask(t: int) -> jax.Array:
+    """[1, T, T] boolean, True where query i may attend key j (j <= i)."""
+    return jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, precision: Precision = FP32):
+        cfg.validate()
+        self.config = cfg
+        self.precision = precision
+        dtype, std = precision.param_dtype, cfg.initializer_range
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, std=std)
+        self.dense_layers = stacked(cfg.num_dense_layers, lambda r: Block(cfg, False, dtype, r), rngs)
+        self.moe_layers = stacked(cfg.num_moe_layers, lambda r: Block(cfg, True, dtype, r), rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
+        self.head = (None if cfg.tie_word_embeddings
+                     else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, std=std))
+        self.mtp = stacked(cfg.num_mtp_layers, lambda r: MTPModule(cfg, dtype, r), rngs)
+
+    # -- pieces shared with inference --
+    def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.precision.compute_dtype)
+
+    def output_head(self, h_BTD: jax.Array) -> jax.Array:
+        """Logits [.., V] in float32 from a normalised hidden state."""
+        w = self.embed[...].T if self.head is None else self.head[...]
+        return jnp.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        """Main-head logits [B, T, V] (float32)."""
+        return self.forward(tokens_BT, mtp=False).logits
+
+    def forward(self, tokens_BT: jax.Array, *, mtp: bool = True, positions_BT: jax.Array | None = None,
+                absorbed: bool = False) -> ModelOutput:
+        """Full forward: main logits, MTP logits (when mtp and the model has MTP modules), expert counts and
+        balance terms. `absorbed` runs attention in the weight-absorbed form (same result)."""
+        cfg = self.config
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions_BT, cfg)
+        mask = causal_mask(t)
+        emb_BTD = self.embed_tokens(tokens_BT)
+
+        def body(layer, h, *_):
+            h, aux = layer(h, cos, sin, mask, absorbed)
+            return h, aux
+
+        h, _ = scan_layers(self.dense_layers, body, emb_BTD)
+        h, moe_aux = scan_layers(self.moe_layers, body, h)
+        hidden = self.norm(h)
+        logits = self.output_head(hidden)
+        zero = jnp.zeros((), jnp.float32)
+        counts = None if moe_aux is None else moe_aux.counts_E
+        balance = zero if moe_aux is None else jnp.sum(moe_aux.balance)
+        mtp_logits = mtp_counts = None
+        mtp_balance = zero
+        if mtp and self.mtp is not None:
+            mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask)
+        return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden)
+
+    def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask):
+        """Run the D MTP modules in sequence; module k sees Emb(t_{i+k}) (zeros past the end)."""
+        d = self.config.num_mtp_layers
+        t = tokens_BT.shape[1]
+        shifted = jnp.stack([jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k))) for k in range(1, d + 1)])
+        emb_DBTD = self.embed_tokens(shifted)
+        valid = jnp.arange(t)[None, None, :] < (t - jnp.arange(1, d + 1))[:, None, None]
+        emb_DBTD = jnp.where(valid[..., None], emb_DBTD, 0)
+
+        def body(module, h_prev, emb):
+            h_k, aux = module(h_prev, emb, cos, sin, mask)
+            logits = self.output_head(module.head_norm(h_k))
+            return h_k, (logits, aux)
+
+        # h^0 is the main model's normalised output, the hidden state the serving engines hand to MTP.
+        _, (mtp_logits, aux) = scan_layers(self.mtp, body, hidden_BTD, emb_DBTD)
+        if aux is None:
+            return mtp_logits, None, jnp.zeros((), jnp.float32)
+        return mtp_logits, aux.counts_E, jnp.sum(aux.balance)
