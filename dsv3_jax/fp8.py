@@ -51,8 +51,9 @@ def _div_exact(num, den):
     """Correctly rounded num / den with den broadcast to num's shape."""
     # XLA's algebraic simplifier rewrites division by a constant or by a broadcast as a multiply by the
     # reciprocal, which is off by up to 2 ulp and moves scales (and e4m3 rounding ties) away from the reference
-    # x / s (reference §5.1: divide, do not multiply by 1/s). Making the divisor depend elementwise on num hides the broadcast; where num is NaN the
-    # quotient is NaN either way, so the result is unchanged, and the select fuses into the division kernel.
+    # x / s (reference §5.1: divide, do not multiply by 1/s). Making the divisor depend elementwise on num hides
+    # the broadcast; where num is NaN the quotient is NaN either way, so the result is unchanged, and the select
+    # fuses into the division kernel.
     # On NVIDIA GPUs XLA lowers f32 division to div.full (up to 2 ulp) regardless; bit-exact results there need
     # XLA_FLAGS=--xla_backend_extra_options=-nvptx-prec-divf32=2 (checked on an H200, jax 0.11.2).
     den_full = jnp.broadcast_to(jnp.asarray(den, num.dtype), num.shape)
@@ -102,7 +103,7 @@ def act_quant_colwise(x, block_size: int = BLOCK, scale_fmt: Optional[str] = Non
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
 def weight_quant(w, block_size: int = BLOCK):
-    """Quantize per ``block_size`` x ``block_size`` block of the last two axes; returns (q e4m3, s f32 [..., nN, nK])."""
+    """Quantize per square ``block_size`` block of the last two axes; returns (q e4m3, s f32 [..., nN, nK])."""
     _check_block_size(block_size)
     if w.ndim < 2:
         raise ValueError(f"weight_quant: w must have at least 2 axes [..., N, K], got shape {w.shape}")
