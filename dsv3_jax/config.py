@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -99,7 +100,8 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         non_negative = ("q_lora_rank", "first_k_dense_replace", "num_mtp_layers", "n_shared_experts",
-                        "n_routed_experts", "intermediate_size", "moe_intermediate_size")
+                        "n_routed_experts", "intermediate_size", "moe_intermediate_size", "num_experts_per_tok",
+                        "n_group", "topk_group", "rope_original_max_position_embeddings")
         for name in non_negative:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -112,15 +114,18 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
                              f"got {self.qk_rope_head_dim}")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        for name in ("rms_norm_eps", "routed_scaling_factor", "initializer_range", "rope_factor",
+                     "rope_beta_fast", "rope_beta_slow"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ValueError(f"ModelConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
         if self.scoring_func not in SCORING_FUNCS:
             raise ValueError(f"ModelConfig.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
         has_moe = self.num_moe_layers > 0 or self.num_mtp_layers > 0
         if has_moe:
             self._validate_moe()
-        if self.rope_theta <= 0:
-            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"ModelConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if self.uses_yarn:
@@ -132,8 +137,6 @@ class ModelConfig:
             if not self.rope_beta_fast > self.rope_beta_slow > 0:
                 raise ValueError(f"ModelConfig.rope_beta_fast ({self.rope_beta_fast}) must exceed "
                                  f"rope_beta_slow ({self.rope_beta_slow}) > 0")
-        if self.initializer_range <= 0:
-            raise ValueError(f"ModelConfig.initializer_range must be > 0, got {self.initializer_range}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -163,8 +166,6 @@ class ModelConfig:
         if self.n_group > 1 and self.expert_bias and per_group < 2:
             raise ValueError(f"ModelConfig.n_group ({self.n_group}) leaves {per_group} expert per group; the "
                              "top-2-sum group score of biased routing needs at least 2")
-        if self.routed_scaling_factor <= 0:
-            raise ValueError(f"ModelConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
 
     # ----- Hugging Face config.json -----
     @classmethod
@@ -203,6 +204,9 @@ def _from_hf(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"config.json hidden_act {act!r} is not supported (DeepSeek uses 'silu')")
     if hf.get("attention_bias", False):
         raise ValueError("config.json attention_bias=true is not supported (DeepSeek projections have no bias)")
+    if hf.get("rope_interleave", True) is False:
+        raise ValueError("config.json rope_interleave=false is not supported: DeepSeek checkpoints store the RoPE "
+                         "rows of q_b_proj and kv_a_proj_with_mqa as interleaved pairs")
     if hf.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"config.json moe_layer_freq {hf['moe_layer_freq']} is not supported (must be 1)")
     topk_method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
@@ -227,7 +231,7 @@ def _from_hf(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
         n_routed_experts=hf.get("n_routed_experts") or 0, n_shared_experts=hf.get("n_shared_experts") or 0,
         num_experts_per_tok=hf.get("num_experts_per_tok") or 1, n_group=n_group,
         topk_group=hf.get("topk_group") or n_group,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), scoring_func=scoring,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5 if v3 else 1.0)), scoring_func=scoring,
         expert_bias=topk_method == "noaux_tc", norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
         num_mtp_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -259,8 +263,14 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = dict(rope_theta=float(theta), rope_type=rope_type)
     if rope_type == "yarn":
         orig = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        if orig is None:
+            raise ValueError("config.json YaRN rope parameters lack original_max_position_embeddings (and there is "
+                             "no max_position_embeddings to default it to)")
         factor = params.get("factor")
         if factor is None:  # transformers derives it from the two lengths
+            if "max_position_embeddings" not in hf:
+                raise ValueError("config.json YaRN rope parameters lack 'factor' and there is no "
+                                 "max_position_embeddings to derive it from")
             factor = hf["max_position_embeddings"] / orig
         out.update(
             rope_factor=float(factor), rope_original_max_position_embeddings=int(orig),
@@ -277,8 +287,10 @@ def _opt_float(value: Any) -> float | None:
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    v3 = cfg.scoring_func == "sigmoid" and cfg.expert_bias  # transformers' DeepseekV3 routes only this way
     hf: dict[str, Any] = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "moe_intermediate_size": cfg.moe_intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "first_k_dense_replace": cfg.first_k_dense_replace, "num_attention_heads": cfg.num_attention_heads,

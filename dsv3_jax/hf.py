@@ -189,7 +189,10 @@ def _read_tensor(reader: CheckpointReader, name: str, used: set[str], dtype) -> 
         used.add(scale_name)
         if raw.ndim != 2:
             raise ValueError(f"tensor {name} is {raw.dtype} with shape {list(raw.shape)}; FP8 weights must be 2-D")
-        return weight_dequant_np(raw, np.asarray(reader.get(scale_name)), dtype=np.float32).astype(dtype)
+        try:
+            return weight_dequant_np(raw, np.asarray(reader.get(scale_name)), dtype=np.float32).astype(dtype)
+        except ValueError as e:
+            raise ValueError(f"tensor {name}: {e}") from None
     return np.asarray(raw).astype(dtype)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+import math
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +20,52 @@ class ExpertBias(nnx.Variable):
     """
 
 
+_DEFERRED = contextvars.ContextVar("dsv3_deferred_init", default=False)
+
+
+@contextlib.contextmanager
+def deferred_init() -> Iterator[None]:
+    """Inside, `param` makes normal-initialised parameters as zeros tagged with their std; `randomize` then draws
+    them all from one flat normal. One compiled random draw instead of one per parameter shape: creating a model
+    goes from tens of seconds of XLA compiles to about one on the CPU."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def randomize(module: nnx.Module, key: jax.Array) -> None:
+    """Fill every parameter created under `deferred_init` with std * N(0, 1), all from one draw of `key`."""
+    flat = [(path, var) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))
+            if var.get_metadata().get("init_std")]
+    if not flat:
+        return
+    shapes = [var.shape for _, var in flat]
+    stds = [var.get_metadata()["init_std"] for _, var in flat]
+    dtypes = [var.dtype for _, var in flat]
+
+    @jax.jit
+    def draw(k):
+        z = jax.random.normal(k, (sum(math.prod(s) for s in shapes),), jnp.float32)
+        out, start = [], 0
+        for shape, std, dtype in zip(shapes, stds, dtypes):
+            n = math.prod(shape)
+            out.append((std * jax.lax.dynamic_slice_in_dim(z, start, n)).reshape(shape).astype(dtype))
+            start += n
+        return out
+
+    for (_, var), value in zip(flat, draw(key)):
+        var.set_value(value)
+
+
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str = "normal",
           std: float = 0.006) -> nnx.Param:
     """An nnx.Param of `shape` whose metadata names its logical axes (mapped to a mesh by sharding/rules.py)."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    if init == "normal" and _DEFERRED.get():
+        return nnx.Param(jnp.zeros(shape, dtype), out_sharding=tuple(axes), eager_sharding=False, init_std=std)
     if init == "normal":
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":

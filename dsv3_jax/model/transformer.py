@@ -18,7 +18,7 @@ from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE, MoEAux
 from dsv3_jax.model.norm import RMSNorm, rms_norm
-from dsv3_jax.model.params import param, scan_layers, stacked
+from dsv3_jax.model.params import deferred_init, param, randomize, scan_layers, stacked
 from dsv3_jax.model.rope import rope_cos_sin
 from dsv3_jax.precision import FP32, Precision
 
@@ -86,13 +86,15 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.precision = precision
         dtype, std = precision.param_dtype, cfg.initializer_range
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, std=std)
-        self.dense_layers = stacked(cfg.num_dense_layers, lambda r: Block(cfg, False, dtype, r), rngs)
-        self.moe_layers = stacked(cfg.num_moe_layers, lambda r: Block(cfg, True, dtype, r), rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
-        self.head = (None if cfg.tie_word_embeddings
-                     else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, std=std))
-        self.mtp = stacked(cfg.num_mtp_layers, lambda r: MTPModule(cfg, dtype, r), rngs)
+        with deferred_init():
+            self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, std=std)
+            self.dense_layers = stacked(cfg.num_dense_layers, lambda r: Block(cfg, False, dtype, r), rngs)
+            self.moe_layers = stacked(cfg.num_moe_layers, lambda r: Block(cfg, True, dtype, r), rngs)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
+            self.head = (None if cfg.tie_word_embeddings
+                         else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, std=std))
+            self.mtp = stacked(cfg.num_mtp_layers, lambda r: MTPModule(cfg, dtype, r), rngs)
+        randomize(self, rngs.params())
 
     # -- pieces shared with inference --
     def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
