@@ -178,7 +178,7 @@ def _expected_hf_shape(slot: _Slot, our_slice_shape: tuple[int, ...]) -> tuple[i
     return slot.to_hf(np.broadcast_to(np.zeros((), np.float32), our_slice_shape)).shape
 
 
-def _read_tensor(reader: CheckpointReader, name: str, used: set[str], dtype) -> np.ndarray:
+def _read_tensor(reader: _ExpertView, name: str, used: set[str], dtype) -> np.ndarray:
     """One checkpoint tensor as a NumPy array of `dtype`, FP8 blocks dequantized with weight_scale_inv."""
     raw = reader.get(name)
     used.add(name)
@@ -196,7 +196,46 @@ def _read_tensor(reader: CheckpointReader, name: str, used: set[str], dtype) -> 
     return np.asarray(raw).astype(dtype)
 
 
-def _mtp_present(reader: CheckpointReader, cfg: ModelConfig) -> bool:
+class _ExpertView:
+    """The checkpoint with transformers' fused in-memory expert tensors (as written by saving a model's
+    state_dict directly) presented under the released per-expert names:
+    `mlp.experts.gate_up_proj` [E, 2F, D] -> experts.{e}.gate_proj / up_proj, `mlp.experts.down_proj` [E, D, F]
+    -> experts.{e}.down_proj."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        self.virtual: dict[str, tuple[str, int, slice]] = {}
+        for name in reader.keys():
+            if name.endswith(".mlp.experts.gate_up_proj"):
+                e, two_f, _ = reader.shape(name)
+                base = name[: -len("gate_up_proj")]
+                for x in range(e):
+                    self.virtual[f"{base}{x}.gate_proj.weight"] = (name, x, slice(0, two_f // 2))
+                    self.virtual[f"{base}{x}.up_proj.weight"] = (name, x, slice(two_f // 2, two_f))
+            elif name.endswith(".mlp.experts.down_proj"):
+                base = name[: -len("down_proj")]
+                for x in range(reader.shape(name)[0]):
+                    self.virtual[f"{base}{x}.down_proj.weight"] = (name, x, slice(None))
+        fused = {src for src, _, _ in self.virtual.values()}
+        self._keys = [k for k in reader.keys() if k not in fused] + list(self.virtual)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.virtual or name in self.reader
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.get(name).shape if name in self.virtual else self.reader.shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self.virtual:
+            src, x, rows = self.virtual[name]
+            return self.reader.get(src)[x, rows]
+        return self.reader.get(name)
+
+
+def _mtp_present(reader: _ExpertView, cfg: ModelConfig) -> bool:
     prefix = f"model.layers.{cfg.num_hidden_layers}."
     return any(k.startswith(prefix) for k in reader.keys())
 
@@ -216,7 +255,8 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, precision: Preci
         hf_cfg = json.load(f)
     _check_quantization(hf_cfg.get("quantization_config"), cfg_path)
     precision = precision or Precision.uniform(dtype)
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path) as file_reader:
+        reader = _ExpertView(file_reader)
         if cfg.num_mtp_layers and not _mtp_present(reader, cfg):
             warnings.warn(f"{path}: config.json declares {cfg.num_mtp_layers} MTP layer(s) but the checkpoint has no "
                           f"model.layers.{cfg.num_hidden_layers}.* tensors; loading without MTP modules")
@@ -244,7 +284,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, precision: Preci
         return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _fill(reader: CheckpointReader, slots: list[_Slot], abstract: jax.ShapeDtypeStruct, used: set[str]) -> np.ndarray:
+def _fill(reader: _ExpertView, slots: list[_Slot], abstract: jax.ShapeDtypeStruct, used: set[str]) -> np.ndarray:
     np_dtype = np.dtype(abstract.dtype)
     out = np.empty(abstract.shape, np_dtype)
     for slot in slots:
@@ -259,7 +299,7 @@ def _fill(reader: CheckpointReader, slots: list[_Slot], abstract: jax.ShapeDtype
     return out
 
 
-def _check_copies(reader: CheckpointReader, cfg: ModelConfig, used: set[str]) -> None:
+def _check_copies(reader: _ExpertView, cfg: ModelConfig, used: set[str]) -> None:
     """The MTP layers' embed/head copies must equal the shared tensors (the model keeps one of each)."""
     for copy_name, main_name in _mtp_copies(cfg):
         if copy_name not in reader:

@@ -59,3 +59,19 @@ def test_fp8_checkpoint(tmp_path):
     tokens = _tokens(hf.config.vocab_size)
     err = np.max(np.abs(np.asarray(m(tokens)) - ref.hf_logits(hf, tokens)))
     assert err <= TOL, f"fp8 max abs logits error {err}"
+
+
+def test_state_dict_with_fused_experts(tmp_path):
+    """A checkpoint written straight from model.state_dict() (transformers' fused expert tensors) loads too."""
+    from safetensors.torch import save_file
+
+    hf = ref.build_hf_model()
+    ref.save_hf(hf, str(tmp_path))
+    sd = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
+    (tmp_path / "model.safetensors").unlink()
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    m = dsv3_jax.from_pretrained(tmp_path)
+    tokens = _tokens(hf.config.vocab_size)
+    err = np.max(np.abs(np.asarray(m(tokens)) - ref.hf_logits(hf, tokens)))
+    assert err <= TOL, err
