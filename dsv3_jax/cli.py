@@ -45,6 +45,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dsv3_jax.train.loop import RunArgs, TrainingInterrupted, train
+
+    run = RunArgs(workdir=args.workdir, steps=args.steps, preset=None if args.config else args.preset,
+                  config=args.config, batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                  seed=args.seed, data=args.data, data_field=args.data_field, data_dtype=args.data_dtype,
+                  corpus_bytes=args.corpus_bytes, precision=args.precision, lr=args.lr, remat=args.remat,
+                  resume=args.resume, stop_at=args.stop_at, save_every=args.save_every, keep=args.keep,
+                  spike_factor=args.spike_factor, max_spikes=args.max_spikes, prompt=args.prompt,
+                  sample_tokens=args.sample_tokens, progress=not args.no_progress)
+    try:
+        summary = train(run)
+    except TrainingInterrupted:
+        print("dsv3 train: interrupted; checkpoint saved, continue with --resume", file=sys.stderr)
+        return 130
+    first, last = summary["first_loss"], summary["last_loss"]
+    if first is not None and last is not None:
+        print(f"dsv3 train: steps {summary['steps_done']}, loss {first:.4f} -> {last:.4f} "
+              f"({(first - last) / first:.1%} lower); metrics in {summary['workdir']}/metrics.jsonl")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dsv3_jax.train.plot import plot_run
+
+    for path in plot_run(args.workdir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +82,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    tr = sub.add_parser("train", help="pretrain with the paper's recipe (default: tiny model on Python's sources)")
+    g = tr.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named architecture (default tiny)")
+    g.add_argument("--config", help="a Hugging Face config.json")
+    tr.add_argument("--steps", type=int, default=300, help="the run's total length; schedules scale to it")
+    tr.add_argument("--workdir", default="runs/tiny", help="checkpoints, metrics and caches go here")
+    tr.add_argument("--batch", type=int, default=16, help="global batch in sequences (after the ramp)")
+    tr.add_argument("--micro-batch", type=int, help="sequences per gradient-accumulation micro-batch")
+    tr.add_argument("--seq-len", type=int, default=128)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--data", nargs="+", help="text files, globs, .jsonl, or pre-tokenized .bin/.npy (default: "
+                                              "the Python standard library's sources)")
+    tr.add_argument("--data-field", default="text", help="JSONL text field")
+    tr.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"], help=".bin token dtype")
+    tr.add_argument("--corpus-bytes", type=int, default=4_000_000, help="size of the default corpus subset")
+    tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    tr.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 tiny, 1e-3 small, else 2.2e-4)")
+    tr.add_argument("--remat", default="none", choices=["none", "paper", "full"], help="recomputation policy")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    tr.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as an interruption would")
+    tr.add_argument("--save-every", type=int, default=100)
+    tr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    tr.add_argument("--spike-factor", type=float, default=3.0, help="skip updates whose loss exceeds this times "
+                                                                   "the running mean (0 disables)")
+    tr.add_argument("--max-spikes", type=int, default=3, help="consecutive skipped updates before restoring")
+    tr.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
+    tr.add_argument("--sample-tokens", type=int, default=64)
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plot", help="PNG plots of loss, MaxVio and throughput from a run's metrics.jsonl")
+    pl.add_argument("workdir")
+    pl.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -24,22 +24,24 @@ def next_token_loss(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     return cross_entropy(logits_BTV[:, :-1], tokens_BT[:, 1:])
 
 
-def mtp_loss(mtp_logits_DBTV: jax.Array, tokens_BT: jax.Array, weight: float | jax.Array = 1.0) -> jax.Array:
+def mtp_loss(mtp_logits_DBTV: jax.Array, tokens_BS: jax.Array, weight: float | jax.Array = 1.0) -> jax.Array:
     """(lambda/D) sum_k L^k with L^k = -(1/T') sum_i log P^k_i[t_{i+1+k}] (eqs. 24-25).
 
-    Module k (1-based) at position i predicts token i+1+k, so it has T-1-k terms; as in eq. 24 the normaliser is
-    the main model's count T' = T-1 per sequence, not the number of terms.
+    tokens_BS is the token window the logits were computed on, optionally with the next-token targets appended
+    (S = T or T + 1). Module k (1-based) at position i predicts tokens[i+1+k]; as in eq. 24 the normaliser is the
+    main model's prediction count T' = S - 1 per sequence, although module k has only T' - k terms.
     """
     d, b, t, _ = mtp_logits_DBTV.shape
+    s = tokens_BS.shape[1]
     total = jnp.zeros((), jnp.float32)
     for k in range(1, d + 1):
-        n = t - 1 - k
+        n = min(t, s - 1 - k)
         if n <= 0:
             continue
         logits = mtp_logits_DBTV[k - 1, :, :n].astype(jnp.float32)
-        targets = tokens_BT[:, 1 + k:]
+        targets = tokens_BS[:, 1 + k:1 + k + n]
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        total = total + jnp.sum(nll) / (b * (t - 1))
+        total = total + jnp.sum(nll) / (b * (s - 1))
     return weight * total / max(d, 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.model.params import param, values
 
@@ -11,7 +12,7 @@ from dsv3_jax.model.params import param, values
 def swiglu(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array) -> jax.Array:
     """down(silu(x.gate) * (x.up))."""
     dt = x_BTD.dtype
-    h = jax.nn.silu(x_BTD @ w_gate_DF.astype(dt)) * (x_BTD @ w_up_DF.astype(dt))
+    h = checkpoint_name(jax.nn.silu(x_BTD @ w_gate_DF.astype(dt)) * (x_BTD @ w_up_DF.astype(dt)), "swiglu")
     return h @ w_down_FD.astype(dt)
 
 

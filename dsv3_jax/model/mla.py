@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.norm import rms_norm
@@ -29,7 +30,7 @@ def mla_latents(p: Params, x_BTD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Ar
     dt = x_BTD.dtype
     if cfg.q_lora_rank:
         c_q_BTQ = rms_norm(x_BTD @ p["wq_a"].astype(dt), p["q_norm"], cfg.rms_norm_eps)
-        q_BTHK = jnp.einsum("btq,qhk->bthk", c_q_BTQ, p["wq_b"].astype(dt))
+        q_BTHK = checkpoint_name(jnp.einsum("btq,qhk->bthk", c_q_BTQ, p["wq_b"].astype(dt)), "mla_up")
     else:
         q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, p["wq"].astype(dt))
     q_nope, q_pe = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
@@ -55,7 +56,7 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
     """MLA with per-head keys/values materialised (the training form)."""
     dt = x_BTD.dtype
     q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg)
-    kv_BSHX = jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt))
+    kv_BSHX = checkpoint_name(jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt)), "mla_up")
     k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
     # q.k over the concatenation [nope; rope] is the sum of the two partial products.
     scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)

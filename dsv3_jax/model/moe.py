@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.losses import sequence_balance_terms
@@ -117,8 +118,8 @@ def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_do
         jnp.repeat(jnp.arange(t, dtype=jnp.int32), k))
     x_PD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), dt)])[src]
     gs = layout.group_sizes_E
-    h = (jax.nn.silu(grouped_matmul(x_PD, w_gate_EDF.astype(dt), gs, tile))
-         * grouped_matmul(x_PD, w_up_EDF.astype(dt), gs, tile))
+    h = checkpoint_name(jax.nn.silu(grouped_matmul(x_PD, w_gate_EDF.astype(dt), gs, tile))
+                        * grouped_matmul(x_PD, w_up_EDF.astype(dt), gs, tile), "swiglu")
     y_PD = grouped_matmul(h, w_down_EFD.astype(dt), gs, tile)
     y_TKD = y_PD[layout.dest_TK]
     out = jnp.einsum("tk,tkd->td", routing.weights_TK, y_TKD.astype(jnp.float32))

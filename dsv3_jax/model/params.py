@@ -95,8 +95,24 @@ def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
     return _make(rngs)
 
 
-def scan_layers(layers: nnx.Module | None, body: Callable, carry, *xs):
-    """lax.scan `body(layer, carry, *x_slices) -> (carry, out)` over a stacked module; outputs stacked."""
+REMAT_POLICIES = ("none", "paper", "full")
+
+
+def remat_policy(name: str):
+    """jax.checkpoint policy for a block: 'paper' recomputes RMSNorm, the MLA up-projections and SwiGLU (paper
+    §3.2.3) and keeps everything else; 'full' keeps only the block input; 'none' keeps everything."""
+    if name == "paper":
+        return jax.checkpoint_policies.save_anything_except_these_names("rmsnorm", "mla_up", "swiglu")
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "none":
+        return None
+    raise ValueError(f"unknown remat policy {name!r}; expected one of {REMAT_POLICIES}")
+
+
+def scan_layers(layers: nnx.Module | None, body: Callable, carry, *xs, remat: str = "none"):
+    """lax.scan `body(layer, carry, *x_slices) -> (carry, out)` over a stacked module; outputs stacked.
+    `remat` names the recomputation policy applied to each layer."""
     if layers is None:
         return carry, None
     graphdef, state = nnx.split(layers)
@@ -104,5 +120,9 @@ def scan_layers(layers: nnx.Module | None, body: Callable, carry, *xs):
     def step(c, sliced):
         layer_state, rest = sliced
         return body(nnx.merge(graphdef, layer_state), c, *rest)
+
+    policy = remat_policy(remat)
+    if remat != "none":
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
     return jax.lax.scan(step, carry, (state, xs))

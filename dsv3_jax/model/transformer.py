@@ -110,9 +110,10 @@ class Transformer(nnx.Module):
         return self.forward(tokens_BT, mtp=False).logits
 
     def forward(self, tokens_BT: jax.Array, *, mtp: bool = True, positions_BT: jax.Array | None = None,
-                absorbed: bool = False) -> ModelOutput:
+                absorbed: bool = False, remat: str = "none") -> ModelOutput:
         """Full forward: main logits, MTP logits (when mtp and the model has MTP modules), expert counts and
-        balance terms. `absorbed` runs attention in the weight-absorbed form (same result)."""
+        balance terms. `absorbed` runs attention in the weight-absorbed form (same result); `remat` is the
+        recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy)."""
         cfg = self.config
         b, t = tokens_BT.shape
         if positions_BT is None:
@@ -125,8 +126,8 @@ class Transformer(nnx.Module):
             h, aux = layer(h, cos, sin, mask, absorbed)
             return h, aux
 
-        h, _ = scan_layers(self.dense_layers, body, emb_BTD)
-        h, moe_aux = scan_layers(self.moe_layers, body, h)
+        h, _ = scan_layers(self.dense_layers, body, emb_BTD, remat=remat)
+        h, moe_aux = scan_layers(self.moe_layers, body, h, remat=remat)
         hidden = self.norm(h)
         logits = self.output_head(hidden)
         zero = jnp.zeros((), jnp.float32)
@@ -135,10 +136,10 @@ class Transformer(nnx.Module):
         mtp_logits = mtp_counts = None
         mtp_balance = zero
         if mtp and self.mtp is not None:
-            mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask)
+            mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask, remat)
         return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden)
 
-    def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask):
+    def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask, remat: str):
         """Run the D MTP modules in sequence; module k sees Emb(t_{i+k}) (zeros past the end)."""
         d = self.config.num_mtp_layers
         t = tokens_BT.shape[1]
@@ -153,7 +154,7 @@ class Transformer(nnx.Module):
             return h_k, (logits, aux)
 
         # h^0 is the main model's normalised output, the hidden state the serving engines hand to MTP.
-        _, (mtp_logits, aux) = scan_layers(self.mtp, body, hidden_BTD, emb_DBTD)
+        _, (mtp_logits, aux) = scan_layers(self.mtp, body, hidden_BTD, emb_DBTD, remat=remat)
         if aux is None:
             return mtp_logits, None, jnp.zeros((), jnp.float32)
         return mtp_logits, aux.counts_E, jnp.sum(aux.balance)

@@ -1,0 +1,305 @@
+"""`dsv3 train`: the pretraining loop (paper §4): data, schedules, checkpoints, metrics, spike guard, a sample.
+
+Everything a run needs to continue lives in WORKDIR: checkpoints/ (orbax: parameters, optimizer state, expert
+bias, step, data position, tokenizer, config and run arguments), metrics.jsonl (one object per step), events.jsonl
+(skipped updates, restores, saves), tokenizer and token caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig, get_preset
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.precision import Precision
+from dsv3_jax.train import data as data_lib
+from dsv3_jax.train.checkpoint import Checkpointer
+from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
+from dsv3_jax.train.optim import (batch_size_schedule, bias_update_speed_schedule, lr_schedule, make_optimizer,
+                                  mtp_weight_schedule)
+from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+
+DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}  # the paper's 2.2e-4 is for the 671B model; small models take more
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """The arguments of one run (what `dsv3 train` parses); saved with every checkpoint."""
+
+    workdir: str
+    steps: int
+    preset: str | None = "tiny"
+    config: str | None = None
+    batch: int = 16
+    micro_batch: int | None = None
+    seq_len: int = 128
+    seed: int = 0
+    data: list[str] | None = None
+    data_field: str = "text"
+    data_dtype: str = "uint16"
+    corpus_bytes: int = 4_000_000
+    precision: str = "fp32"
+    lr: float | None = None
+    remat: str = "none"
+    resume: bool = False
+    stop_at: int | None = None
+    save_every: int = 100
+    keep: int = 3
+    spike_factor: float = 3.0
+    max_spikes: int = 3
+    prompt: str = "def "
+    sample_tokens: int = 64
+    progress: bool = True
+
+
+class TrainingInterrupted(Exception):
+    pass
+
+
+def _validate(args: RunArgs) -> None:
+    for name in ("steps", "batch", "seq_len", "save_every", "keep", "max_spikes"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if args.micro_batch is not None and (args.micro_batch <= 0 or args.batch % args.micro_batch):
+        raise ValueError(f"--micro-batch {args.micro_batch} must be positive and divide --batch {args.batch}")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        raise ValueError(f"--stop-at {args.stop_at} must be in [1, --steps {args.steps}]")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.sample_tokens < 0:
+        raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+
+
+class _Log:
+    """metrics.jsonl / events.jsonl appenders (line-buffered; a resumed run truncates lines past its step)."""
+
+    def __init__(self, workdir: pathlib.Path, start_step: int):
+        self.metrics_path = workdir / "metrics.jsonl"
+        self.events_path = workdir / "events.jsonl"
+        _truncate_after(self.metrics_path, start_step)
+        self.metrics = open(self.metrics_path, "a", buffering=1)
+        self.events = open(self.events_path, "a", buffering=1)
+
+    def metric(self, row: dict) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+
+    def event(self, step: int, kind: str, **info) -> None:
+        row = {"step": step, "event": kind, "time": time.time(), **info}
+        self.events.write(json.dumps(row) + "\n")
+        print(f"\n[step {step}] {kind}: {info}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.events.close()
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> None:
+    """Drop metric rows past `step` (written after the checkpoint a resumed run restarts from)."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _model_config(args: RunArgs) -> tuple[ModelConfig, str]:
+    if args.config:
+        return ModelConfig.from_json_file(args.config), os.path.basename(args.config)
+    return get_preset(args.preset), args.preset
+
+
+def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, saved_tokenizer: str | None):
+    cache = workdir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
+    resolved = data_lib.resolve_inputs(inputs, text_key=args.data_field, bin_dtype=args.data_dtype)
+    has_text = any(inp.kind in data_lib.TEXT_KINDS for inp in resolved)
+    if saved_tokenizer is not None:
+        tokenizer = data_lib.Tokenizer.from_json(saved_tokenizer)
+    elif has_text:
+        tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
+    else:
+        tokenizer = None
+    tokens = data_lib.prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
+                                     bin_dtype=args.data_dtype)
+    return tokenizer, tokens
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def train(args: RunArgs) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns a summary dict."""
+    _validate(args)
+    workdir = pathlib.Path(args.workdir)
+    ckpt_dir = workdir / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=args.keep)
+    existing = ckpt.latest_step()
+    if existing is not None and not args.resume:
+        raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {existing}); pass --resume to continue "
+                         "the run, or choose another --workdir")
+    if args.resume and existing is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    cfg, model_name = _model_config(args)
+    data_lib.check_seq_len(args.seq_len, cfg)
+    precision = Precision.named(args.precision)
+    peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
+    micro = args.micro_batch or args.batch
+
+    model = Transformer(cfg, nnx.Rngs(args.seed), precision)
+    graphdef, params, bias = split_model(model)
+    optimizer = make_optimizer(params, peak_lr, args.steps)
+    state = init_state(params, bias, optimizer)
+    del model, params, bias
+
+    start, position, saved_tokenizer = 0, 0, None
+    if args.resume:
+        start, state, meta = ckpt.restore(_abstract(state))
+        position, saved_tokenizer = meta["position"], meta.get("tokenizer")
+        if meta.get("model_config") != cfg.to_hf():
+            raise ValueError(f"--resume: the checkpoint in {ckpt_dir} was trained with a different model config")
+    tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer)
+    batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
+    stop = args.stop_at or args.steps
+
+    schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
+                     mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
+    step_fn = make_train_step(graphdef, optimizer,
+                              StepConfig(remat=args.remat, spike_factor=args.spike_factor))
+    flops_per_token = training_flops_per_token(cfg, args.seq_len)
+    peak_flops = measure_peak_flops(dtype=precision.compute_dtype)
+    log = _Log(workdir, start)
+    print(f"dsv3 train: {model_name}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, corpus "
+          f"{len(tokens):,} tokens, lr {peak_lr:g}, precision {args.precision}, workdir {workdir}"
+          + (f", resuming at step {start}" if start else ""))
+
+    def meta_for(step: int) -> dict:
+        return {"step": step, "position": position, "model_config": cfg.to_hf(), "run_args": dataclasses.asdict(args),
+                "tokenizer": None if tokenizer is None else tokenizer.to_json()}
+
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    consecutive_skips, step, last_loss, first_loss = 0, start, None, None
+    try:
+        t_last = time.perf_counter()
+        for step in range(start, stop):
+            bsz = max(micro, int(schedules["batch"](step)) // micro * micro)
+            windows, new_position = batches.batch(position, bsz)
+            windows = windows.reshape(bsz // micro, micro, args.seq_len + 1)
+            state, m = step_fn(state, jnp.asarray(windows), float(schedules["mtp"](step)),
+                               float(schedules["gamma"](step)))
+            m = jax.device_get(m)
+            position = new_position
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            tokens_per_s = bsz * args.seq_len / dt
+            row = {"step": step + 1, "loss": float(m.loss), "ce": float(m.ce), "mtp_loss": float(m.mtp_loss),
+                   "balance_loss": float(m.balance_loss), "grad_norm": float(m.grad_norm),
+                   "lr": float(schedules["lr"](step)), "batch": bsz, "tokens_per_s": tokens_per_s,
+                   "mfu": tokens_per_s * flops_per_token / peak_flops, "max_vio": float(m.max_vio),
+                   "mtp_weight": float(schedules["mtp"](step)), "gamma": float(schedules["gamma"](step)),
+                   "skipped": bool(m.skipped), "step_time": dt}
+            log.metric(row)
+            first_loss = row["ce"] if first_loss is None else first_loss
+            last_loss = row["ce"]
+            if m.skipped:
+                consecutive_skips += 1
+                log.event(step + 1, "skipped_update", loss=row["loss"], grad_norm=row["grad_norm"],
+                          nonfinite=bool(m.nonfinite))
+                if consecutive_skips >= args.max_spikes and ckpt.latest_step() is not None:
+                    restored, state, _ = ckpt.restore(_abstract(state))
+                    log.event(step + 1, "restored_checkpoint", from_step=restored,
+                              note="data position kept: the batches that spiked are skipped")
+                    consecutive_skips = 0
+            else:
+                consecutive_skips = 0
+            if args.progress:
+                _progress(step + 1, stop, row)
+            done = step + 1
+            if done % args.save_every == 0 or done == stop:
+                ckpt.save(done, state, meta_for(done))
+            if interrupted:
+                raise TrainingInterrupted
+    except TrainingInterrupted:
+        done = step + 1  # the flag is only checked after a completed step
+        if done not in ckpt.all_steps():
+            ckpt.save(done, state, meta_for(done))
+        ckpt.wait()
+        log.event(done, "interrupted", note="checkpoint saved; continue with --resume")
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        ckpt.wait()
+        log.close()
+        if args.progress:
+            print(file=sys.stderr)
+    summary = {"steps_done": stop, "first_loss": first_loss, "last_loss": last_loss, "workdir": str(workdir)}
+    if stop == args.steps and tokenizer is not None and args.sample_tokens:
+        model = nnx.merge(graphdef, state["params"], state["bias"])
+        summary["sample"] = sample_text(model, tokenizer, args.prompt, args.sample_tokens, window=args.seq_len)
+        print(f"\nsample ({args.sample_tokens} tokens, greedy) from prompt {args.prompt!r}:\n"
+              f"{summary['sample']}\n")
+    ckpt.close()
+    return summary
+
+
+def _progress(step: int, total: int, row: dict) -> None:
+    width = 30
+    filled = int(width * step / total)
+    bar = "#" * filled + "-" * (width - filled)
+    print(f"\r[{bar}] {step}/{total} loss {row['loss']:.4f} ce {row['ce']:.4f} "
+          f"{row['tokens_per_s']:,.0f} tok/s mfu {row['mfu']:.1%}", end="", file=sys.stderr, flush=True)
+
+
+def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int, window: int, temperature: float = 0.0,
+                seed: int = 0) -> str:
+    """Generate n_new tokens after `prompt` by recomputing the causal forward over a fixed window (one compile)."""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    forward = nnx.jit(lambda m, t: m(t))
+    key = jax.random.key(seed)
+    out = list(ids)
+    for _ in range(n_new):
+        ctx = out[-window:]
+        buf = np.zeros((1, window), np.int32)
+        buf[0, :len(ctx)] = ctx
+        logits = forward(model, jnp.asarray(buf))[0, len(ctx) - 1]
+        if temperature > 0:
+            key, sub = jax.random.split(key)
+            nxt = int(jax.random.categorical(sub, logits / temperature))
+        else:
+            nxt = int(jnp.argmax(logits))
+        if nxt == tokenizer.eos_id:
+            break
+        out.append(nxt)
+    return prompt + tokenizer.decode(out[len(ids):])

@@ -1,0 +1,133 @@
+"""One training step (paper §2.1.2, §2.2, §3.3, §4.2).
+
+loss = CE + lambda * L_MTP + alpha * L_Bal, gradients accumulated in float32 over micro-batches (lax.scan), AdamW
+(bf16 moments) applied once, then the auxiliary-loss-free bias update from the expert counts of the whole batch.
+A non-finite loss or gradient, or a loss spike past `spike_factor` x its running mean, skips the update (params,
+optimizer state and expert bias stay as they were) and reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsv3_jax.balance import max_violation, update_expert_bias
+from dsv3_jax.losses import cross_entropy, mtp_loss
+from dsv3_jax.model.params import ExpertBias
+from dsv3_jax.model.transformer import Transformer
+
+TrainState = dict[str, Any]  # {"params", "bias", "opt", "loss_ema", "step"}: a pytree orbax saves as is
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the step computes besides the model: loss weights, recomputation and the spike guard."""
+
+    balance_alpha: float = 1e-4  # paper §4.2: sequence-wise balance factor
+    remat: str = "none"  # "none" | "paper" | "full" (see model.params.remat_policy)
+    spike_factor: float = 3.0  # a loss above spike_factor x running mean is a spike (0 disables)
+    spike_warmup: int = 20  # steps before spikes are judged (the loss falls fast at first)
+    ema_decay: float = 0.95  # running mean of the loss for the spike test
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array
+    ce: jax.Array
+    mtp_loss: jax.Array
+    balance_loss: jax.Array
+    grad_norm: jax.Array
+    max_vio: jax.Array  # MaxVio averaged over the main MoE layers (paper §4.5.2)
+    skipped: jax.Array  # bool: the update was skipped
+    nonfinite: jax.Array  # bool: because the loss or gradient was not finite
+
+
+def split_model(model: Transformer):
+    """(graphdef, params, bias): trainable nnx.Param state and the ExpertBias state, kept apart."""
+    graphdef, params, bias, rest = nnx.split(model, nnx.Param, ExpertBias, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"model has variables that are neither parameters nor expert bias: {rest}")
+    return graphdef, params, bias
+
+
+def init_state(params, bias, optimizer: optax.GradientTransformation) -> TrainState:
+    return {"params": params, "bias": bias, "opt": optimizer.init(params),
+            "loss_ema": jnp.zeros((), jnp.float32), "step": jnp.zeros((), jnp.int32)}
+
+
+def _bias_update(bias, counts, mtp_counts, gamma):
+    """Move each stacked ExpertBias by the sign rule with the counts of its own layers."""
+    flat = dict(nnx.to_flat_state(bias))
+    for path, var in flat.items():
+        c = counts if path[0] == "moe_layers" else mtp_counts
+        var.set_value(update_expert_bias(var.get_value(), c, gamma))
+    return nnx.from_flat_state(flat)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig) -> Callable:
+    """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
+
+    windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets).
+    """
+
+    def loss_fn(params, bias, window_MS, mtp_weight):
+        model = nnx.merge(graphdef, params, bias)
+        out = model.forward(window_MS[:, :-1], remat=sc.remat)
+        ce = cross_entropy(out.logits, window_MS[:, 1:])
+        mtp = jnp.zeros((), jnp.float32) if out.mtp_logits is None else mtp_loss(out.mtp_logits, window_MS)
+        bal = sc.balance_alpha * (out.balance + out.mtp_balance)
+        loss = ce + mtp_weight * mtp + bal
+        zeros = jnp.zeros((0,), jnp.int32)
+        counts = zeros if out.expert_counts is None else out.expert_counts
+        mtp_counts = zeros if out.mtp_expert_counts is None else out.mtp_expert_counts
+        return loss, (ce, mtp, bal, counts, mtp_counts)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, windows_KMS, mtp_weight, gamma):
+        params, bias = state["params"], state["bias"]
+
+        def micro(acc, window):
+            (loss, aux), grads = grad_fn(params, bias, window, mtp_weight)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        _, aux_shape = jax.eval_shape(grad_fn, params, bias, windows_KMS[0], mtp_weight)[0]
+        zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+        init = (jnp.zeros((), jnp.float32), zero_aux, zero_grads)
+        (loss, (ce, mtp, bal, counts, mtp_counts), grads), _ = jax.lax.scan(micro, init, windows_KMS)
+        k = windows_KMS.shape[0]
+        loss, ce, mtp, bal = loss / k, ce / k, mtp / k, bal / k
+        grads = jax.tree.map(lambda g: g / k, grads)
+        grad_norm = optax.global_norm(grads)
+
+        nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        ema = state["loss_ema"]
+        judged = (state["step"] >= sc.spike_warmup) & (sc.spike_factor > 0)
+        spike = judged & (loss > sc.spike_factor * ema)
+        skip = nonfinite | spike
+
+        updates, new_opt = optimizer.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_bias = bias if counts.size == 0 else _bias_update(bias, counts, mtp_counts, gamma)
+
+        def keep_if_skipped(old, new):
+            return jax.tree.map(lambda a, b: jnp.where(skip, a, b), old, new)
+
+        new_ema = jnp.where(state["step"] == 0, loss, sc.ema_decay * ema + (1 - sc.ema_decay) * loss)
+        new_state = {
+            "params": keep_if_skipped(params, new_params),
+            "bias": keep_if_skipped(bias, new_bias),
+            "opt": keep_if_skipped(state["opt"], new_opt),
+            "loss_ema": jnp.where(skip, ema, new_ema),
+            "step": state["step"] + 1,
+        }
+        max_vio = jnp.zeros((), jnp.float32) if counts.size == 0 else jnp.mean(max_violation(counts))
+        return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite)
+
+    return jax.jit(step)
