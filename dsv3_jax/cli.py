@@ -27,7 +27,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     stats = model_stats(cfg)
     if args.json:
-        print(json.dumps(stats.as_dict()))
+        print(json.dumps(stats.headline()))
         return 0
     name = args.config or args.preset
     print(f"model: {name}")
@@ -42,6 +42,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           "  (all non-routed weights incl. embedding and head, plus top-K routed experts per MoE layer)")
     print(f"  KV cache per token (bf16):       {stats.kv_cache_bytes_per_token:>18,} bytes"
           f"  ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim} values x {cfg.num_hidden_layers} layers)")
+    saved = stats.adam_bytes_fp32 - stats.adam_bytes_bf16
+    print(f"  AdamW moments in bf16:           {stats.adam_bytes_bf16 / 2**30:>18,.1f} GiB"
+          f"  (fp32: {stats.adam_bytes_fp32 / 2**30:,.1f} GiB; saves {saved / 2**30:,.1f} GiB)")
     return 0
 
 
@@ -53,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   seed=args.seed, data=args.data, data_field=args.data_field, data_dtype=args.data_dtype,
                   corpus_bytes=args.corpus_bytes, precision=args.precision, lr=args.lr, remat=args.remat,
                   resume=args.resume, stop_at=args.stop_at, save_every=args.save_every, keep=args.keep,
-                  spike_factor=args.spike_factor, max_spikes=args.max_spikes, prompt=args.prompt,
+                  spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
+                  prompt=args.prompt,
                   sample_tokens=args.sample_tokens, progress=not args.no_progress)
     try:
         summary = train(run)
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     tr.add_argument("--spike-factor", type=float, default=3.0, help="skip updates whose loss exceeds this times "
                                                                    "the running mean (0 disables)")
+    tr.add_argument("--spike-warmup", type=int, default=20, help="steps before loss spikes are judged")
     tr.add_argument("--max-spikes", type=int, default=3, help="consecutive skipped updates before restoring")
     tr.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
     tr.add_argument("--sample-tokens", type=int, default=64)

@@ -21,9 +21,16 @@ class ModelStats:
     mtp_params: int  # MTP modules without the copies of the shared embedding and head
     activated_params: int  # per token: everything but the routed experts, plus K of E routed experts per MoE layer
     kv_cache_bytes_per_token: int  # absorbed latent cache, bf16, main-model layers
+    adam_bytes_bf16: int = 0  # AdamW moments (both) of main + MTP parameters stored in bf16 (paper §3.3.3)
+    adam_bytes_fp32: int = 0  # the same in float32
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+    def headline(self) -> dict[str, int]:
+        """The four figures of `dsv3 info --json`."""
+        return {k: getattr(self, k) for k in ("total_params", "activated_params", "mtp_params",
+                                                 "kv_cache_bytes_per_token")}
 
 
 def model_stats(cfg: ModelConfig) -> ModelStats:
@@ -40,4 +47,6 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
             routed += n
     k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
     activated = total - routed + (routed * k // e if e else 0)
-    return ModelStats(total, mtp, activated, cache_bytes_per_token(cfg, jnp.bfloat16))
+    trainable = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    return ModelStats(total, mtp, activated, cache_bytes_per_token(cfg, jnp.bfloat16),
+                      adam_bytes_bf16=2 * 2 * trainable, adam_bytes_fp32=2 * 4 * trainable)

@@ -12,7 +12,7 @@ Orbax does not detect silent corruption of array bytes (its zstd chunks carry no
 record (key "_checkpoint") with the step and a per-leaf uint32 fingerprint of the saved arrays, computed on the
 device; `restore` recomputes it. A newest checkpoint that cannot be read, whose arrays do not match the target's
 structure, shapes and dtypes, or whose fingerprint or step disagrees, is skipped with a warning for the previous one.
-Single-process (one host) use; the design notes live in docs/design.md.
+Written for one process (one host): the directory housekeeping in `save` has no cross-host barriers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -35,6 +36,30 @@ _STATE, _META = "state", "meta"
 _RECORD = "_checkpoint"  # reserved meta key: {"step": int, "fingerprints": {leaf path: "%08x"}}
 _TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name mark for an uncommitted save (atomicity_types.TMP_DIR_SUFFIX)
 _SET_ASIDE = "unrestorable"  # subdirectory that unrestorable steps are moved into (not a step name, so orbax skips it)
+_OPEN: set = set()  # Checkpointers not yet closed (held, like open files, until close or exit)
+_exit_hook_registered = False
+
+
+def _close_all_at_exit() -> None:
+    """Commits pending saves of unclosed Checkpointers when the interpreter exits.
+
+    Registered with threading's exit hooks, which run before concurrent.futures refuses new work: a plain atexit
+    handler runs after that, when orbax's writer can no longer schedule its file operations, fails, and then blocks
+    on a 300 s barrier timeout, leaving only the uncommitted tmp directory.
+    """
+    for ckpt in list(_OPEN):
+        try:
+            ckpt.close()
+        except Exception:  # noqa: BLE001 - report and go on closing the others
+            log.exception("%s: pending checkpoint save failed at interpreter exit", ckpt.directory)
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    register = getattr(threading, "_register_atexit", None)  # private but stable since Python 3.9
+    if not _exit_hook_registered and register is not None:
+        register(_close_all_at_exit)
+        _exit_hook_registered = True
 
 
 def _key_name(key) -> str:
@@ -67,33 +92,70 @@ def _check_state(state) -> None:
                              "jax.random.key_data(key) (uint32) and rebuild it with jax.random.wrap_key_data")
 
 
+_DEVICE_MIN_WORDS = 1 << 24  # leaves this large are fingerprinted on their device, smaller ones on the host
+_HOST_CHUNK = 1 << 22  # words per NumPy pass (bounds the temporaries)
+
+
+def _words(x):
+    """The array's bit pattern as uint32 words, one per element (two for 8-byte dtypes): NumPy or jax alike."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    if x.dtype == np.bool_:
+        return x.astype(xp.uint32)
+    if x.dtype.itemsize == 8:
+        return x.view(np.uint32) if xp is np else jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = np.dtype(f"uint{8 * x.dtype.itemsize}")
+    bits = x.view(unsigned) if xp is np else jax.lax.bitcast_convert_type(x, unsigned)
+    return bits.astype(xp.uint32)
+
+
 @jax.jit
-def _fingerprint(x):
-    """uint32 sum of the array's bit pattern weighted by odd position factors: any single changed word changes it."""
-    if x.dtype == jnp.bool_:
-        words = x.astype(jnp.uint32)
-    elif x.dtype.itemsize == 8:
-        words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
-    else:
-        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-    words = words.reshape(-1)
-    odd = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-    return jnp.sum(words * odd, dtype=jnp.uint32)
+def _fingerprint_device(x):
+    """sum_i words[i] * (2 i + 1) mod 2**32 over the flat words: any single changed word changes it."""
+    words = _words(x)
+    # Flat index mod 2**32 from per-axis iotas: a leaf may hold more than 2**32 elements (stacked experts).
+    index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for axis in reversed(range(words.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+def _fingerprint_host(x: np.ndarray) -> int:
+    """The same sum as _fingerprint_device, in NumPy (uint32 arithmetic wraps mod 2**32), chunk by chunk."""
+    words = _words(np.ascontiguousarray(x)).reshape(-1)
+    total = 0
+    for start in range(0, words.size, _HOST_CHUNK):
+        chunk = words[start:start + _HOST_CHUNK]
+        odd = (np.arange(start, start + chunk.size, dtype=np.uint64) * 2 + 1).astype(np.uint32)
+        total = (total + int(np.sum(chunk * odd, dtype=np.uint32))) % 2**32
+    return total
 
 
 def _fingerprints(state) -> dict[str, str]:
-    """{leaf path: 8 hex digits}; one jitted reduction per leaf (compiled once per shape and dtype), one host sync."""
+    """{leaf path: 8 hex digits}. Small leaves are copied to the host in one batch and summed there (no compiles);
+    large ones are summed on their device (one compile per shape, no large copy)."""
     flat = _flatten(state)
-    values = jax.device_get({name: _fingerprint(leaf) for name, leaf in flat.items()})
-    return {name: f"{int(values[name]):08x}" for name in flat}
+    n_words = {name: int(np.prod(x.shape)) * (2 if x.dtype.itemsize == 8 else 1) for name, x in flat.items()}
+    on_device = {name: _fingerprint_device(x) for name, x in flat.items() if n_words[name] >= _DEVICE_MIN_WORDS}
+    on_host = jax.device_get({name: x for name, x in flat.items() if name not in on_device})
+    values = {name: _fingerprint_host(np.asarray(x)) for name, x in on_host.items()}
+    values.update({name: int(v) for name, v in jax.device_get(on_device).items()})
+    return {name: f"{values[name]:08x}" for name in flat}
 
 
-def _abstract(leaf) -> jax.ShapeDtypeStruct:
-    """The restore target for one leaf: its shape and dtype, and its sharding (one local device when it has none)."""
-    sharding = getattr(leaf, "sharding", None)
-    if not isinstance(sharding, jax.sharding.Sharding):
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype), sharding=sharding)
+def _target(abstract_state):
+    """The restore target: each leaf's shape, dtype and sharding (one local device where it has none)."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf_target(path, leaf):
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise ValueError(f"abstract_state leaf {_path_name(path)!r} is a {type(leaf).__name__}, expected a "
+                             "jax.ShapeDtypeStruct or an array")
+        sharding = getattr(leaf, "sharding", None)
+        sharding = sharding if isinstance(sharding, jax.sharding.Sharding) else default
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype), sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf_target, abstract_state)
 
 
 def _describe(shape, dtype) -> str:
@@ -134,10 +196,13 @@ class Checkpointer:
             raise ValueError(f"{self.directory}: checkpoint directory is a file, expected a directory")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._unrestorable: dict[int, str] = {}  # step -> reason, found by restore(); set aside at the next save
         self._saved_before = False
         self._closed = False
+        _register_exit_hook()
+        _OPEN.add(self)
 
     # ---- queries ----
 
@@ -158,7 +223,8 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"{self.directory}: checkpoint step must be a non-negative int, got {step!r}")
         step = int(step)
-        record = self._make_record(step, state, meta)
+        self._check_meta(step, meta)
+        _check_state(state)
         self._prepare_directory()
         steps = self.all_steps()
         if step in steps:
@@ -171,14 +237,16 @@ class Checkpointer:
         elif steps and step < steps[-1] and not force:
             raise ValueError(f"{self.directory}: step {step} is older than the newest checkpoint (step {steps[-1]}); "
                              "saves must go forward (pass force=True, or use a fresh directory)")
+        record = {**meta, _RECORD: {"step": step, "fingerprints": _fingerprints(state)}}
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(record)})
         if not self._manager.save(step, args=args, force=True):
             raise ValueError(f"{self.directory}: orbax declined to save step {step}")
 
-    def _make_record(self, step: int, state, meta: dict) -> dict:
-        """meta plus the reserved record; checked here so that a bad value fails now, not in the writer thread."""
+    def _check_meta(self, step: int, meta: dict) -> None:
+        """Fails now, not later in orbax's writer thread, on meta that cannot be saved or contradicts the step."""
         if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
-            raise ValueError(f"{self.directory}: checkpoint meta must be a dict with str keys, got {type(meta).__name__}")
+            raise ValueError(f"{self.directory}: checkpoint meta must be a dict with str keys, got "
+                             f"{type(meta).__name__}")
         if _RECORD in meta:
             raise ValueError(f"{self.directory}: checkpoint meta key {_RECORD!r} is reserved")
         if "step" in meta and meta["step"] != step:
@@ -187,11 +255,9 @@ class Checkpointer:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.directory}: checkpoint meta for step {step} is not JSON-serializable: {e}") from e
-        _check_state(state)
-        return {**meta, _RECORD: {"step": step, "fingerprints": _fingerprints(state)}}
 
     def _prepare_directory(self) -> None:
-        """Before this process's first save: create the directory, drop stale tmp saves, set unrestorable steps aside."""
+        """Creates the directory; on the first save drops stale tmp saves; sets unrestorable steps aside."""
         os.makedirs(self.directory, exist_ok=True)
         if not self._saved_before:
             # No save of ours is in flight yet, so every tmp directory here is left over from a crashed run.
@@ -223,11 +289,12 @@ class Checkpointer:
 
     def restore(self, abstract_state) -> tuple[int, Any, dict]:
         """(step, state, meta) from the newest restorable checkpoint, into abstract_state's structure and dtypes."""
+        target = _target(abstract_state)
         steps = self._steps_on_disk()
         tried = []
         for step in reversed(steps):
             try:
-                state, meta = self._restore(step, abstract_state)
+                state, meta = self._restore(step, target)
             except Exception as e:  # noqa: BLE001 - any failure to read a step is a reason to try the one before
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
                 log.warning("%s: checkpoint step %d is not restorable (%s); trying the previous one",
@@ -243,10 +310,11 @@ class Checkpointer:
 
     def restore_step(self, step: int, abstract_state) -> tuple[Any, dict]:
         """(state, meta) of one given step; no fallback."""
+        target = _target(abstract_state)
         steps = self._steps_on_disk()
         if step not in steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}; available steps: {steps}")
-        return self._restore(step, abstract_state)
+        return self._restore(step, target)
 
     def _steps_on_disk(self) -> list[int]:
         self._check_open()
@@ -258,10 +326,11 @@ class Checkpointer:
                                     f"{'is empty' if os.path.isdir(self.directory) else 'does not exist'})")
         return steps
 
-    def _restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    def _restore(self, step: int, target) -> tuple[Any, dict]:
         """One step, checked: saved arrays fit the target exactly, the record matches the step and the data."""
-        target = jax.tree.map(_abstract, abstract_state)
         saved = self._manager.item_metadata(step)[_STATE]
+        if saved is None:
+            raise ValueError("its 'state' item has no readable metadata")
         saved_tree = getattr(saved, "tree", saved)
         mismatch = _compare(_flatten(saved_tree, is_leaf=lambda x: hasattr(x, "shape")), _flatten(target))
         if mismatch:
@@ -296,6 +365,7 @@ class Checkpointer:
                 self._manager.wait_until_finished()
             finally:
                 self._closed = True
+                _OPEN.discard(self)
                 self._manager.close()
 
     def __enter__(self) -> Checkpointer:

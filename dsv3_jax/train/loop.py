@@ -59,6 +59,7 @@ class RunArgs:
     save_every: int = 100
     keep: int = 3
     spike_factor: float = 3.0
+    spike_warmup: int = 20
     max_spikes: int = 3
     prompt: str = "def "
     sample_tokens: int = 64
@@ -153,6 +154,26 @@ def _abstract(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def flat_state(state) -> dict[str, Any]:
+    """The train state as a flat {'params.moe_layers.attn.wq_a': array} dict: plain names on disk, independent of
+    the pytree node classes (nnx.State, optax NamedTuples) that hold the arrays in memory."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {".".join(_key_name(e) for e in path): leaf for path, leaf in leaves}
+
+
+def unflat_state(flat: dict[str, Any], like):
+    """Inverse of flat_state, into the structure of `like`."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[".".join(_key_name(e) for e in p)] for p, _ in paths])
+
+
 def train(args: RunArgs) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns a summary dict."""
     _validate(args)
@@ -166,6 +187,9 @@ def train(args: RunArgs) -> dict[str, Any]:
     if args.resume and existing is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
     workdir.mkdir(parents=True, exist_ok=True)
+    if not jax.config.jax_compilation_cache_dir:  # a resumed run reuses the compiled step
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "cache" / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     cfg, model_name = _model_config(args)
     data_lib.check_seq_len(args.seq_len, cfg)
@@ -176,12 +200,14 @@ def train(args: RunArgs) -> dict[str, Any]:
     model = Transformer(cfg, nnx.Rngs(args.seed), precision)
     graphdef, params, bias = split_model(model)
     optimizer = make_optimizer(params, peak_lr, args.steps)
-    state = init_state(params, bias, optimizer)
+    # committed to one device like restored arrays, so a restore does not trigger a recompile
+    state = jax.device_put(init_state(params, bias, optimizer), jax.devices()[0])
     del model, params, bias
 
     start, position, saved_tokenizer = 0, 0, None
     if args.resume:
-        start, state, meta = ckpt.restore(_abstract(state))
+        start, restored, meta = ckpt.restore(flat_state(_abstract(state)))
+        state = unflat_state(restored, state)
         position, saved_tokenizer = meta["position"], meta.get("tokenizer")
         if meta.get("model_config") != cfg.to_hf():
             raise ValueError(f"--resume: the checkpoint in {ckpt_dir} was trained with a different model config")
@@ -192,7 +218,8 @@ def train(args: RunArgs) -> dict[str, Any]:
     schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
                      mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
     step_fn = make_train_step(graphdef, optimizer,
-                              StepConfig(remat=args.remat, spike_factor=args.spike_factor))
+                              StepConfig(remat=args.remat, spike_factor=args.spike_factor,
+                                         spike_warmup=args.spike_warmup))
     flops_per_token = training_flops_per_token(cfg, args.seq_len)
     peak_flops = measure_peak_flops(dtype=precision.compute_dtype)
     log = _Log(workdir, start)
@@ -209,7 +236,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     def on_sigint(signum, frame):
         interrupted.append(signum)
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_handlers = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     consecutive_skips, step, last_loss, first_loss = 0, start, None, None
     try:
         t_last = time.perf_counter()
@@ -238,8 +265,9 @@ def train(args: RunArgs) -> dict[str, Any]:
                 log.event(step + 1, "skipped_update", loss=row["loss"], grad_norm=row["grad_norm"],
                           nonfinite=bool(m.nonfinite))
                 if consecutive_skips >= args.max_spikes and ckpt.latest_step() is not None:
-                    restored, state, _ = ckpt.restore(_abstract(state))
-                    log.event(step + 1, "restored_checkpoint", from_step=restored,
+                    restored_step, restored, _ = ckpt.restore(flat_state(_abstract(state)))
+                    state = unflat_state(restored, state)
+                    log.event(step + 1, "restored_checkpoint", from_step=restored_step,
                               note="data position kept: the batches that spiked are skipped")
                     consecutive_skips = 0
             else:
@@ -248,18 +276,19 @@ def train(args: RunArgs) -> dict[str, Any]:
                 _progress(step + 1, stop, row)
             done = step + 1
             if done % args.save_every == 0 or done == stop:
-                ckpt.save(done, state, meta_for(done))
+                ckpt.save(done, flat_state(state), meta_for(done))
             if interrupted:
                 raise TrainingInterrupted
     except TrainingInterrupted:
         done = step + 1  # the flag is only checked after a completed step
         if done not in ckpt.all_steps():
-            ckpt.save(done, state, meta_for(done))
+            ckpt.save(done, flat_state(state), meta_for(done))
         ckpt.wait()
         log.event(done, "interrupted", note="checkpoint saved; continue with --resume")
         raise
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         ckpt.wait()
         log.close()
         if args.progress:

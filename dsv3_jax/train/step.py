@@ -60,18 +60,21 @@ def init_state(params, bias, optimizer: optax.GradientTransformation) -> TrainSt
 
 
 def _bias_update(bias, counts, mtp_counts, gamma):
-    """Move each stacked ExpertBias by the sign rule with the counts of its own layers."""
-    flat = dict(nnx.to_flat_state(bias))
-    for path, var in flat.items():
-        c = counts if path[0] == "moe_layers" else mtp_counts
-        var.set_value(update_expert_bias(var.get_value(), c, gamma))
-    return nnx.from_flat_state(flat)
+    """Move each stacked ExpertBias by the sign rule with the counts of its own layers (a new pytree; the
+    input is left untouched, so a skipped step can keep it)."""
+
+    def update(path, b):
+        c = counts if getattr(path[0], "key", None) == "moe_layers" else mtp_counts
+        return update_expert_bias(b, c, gamma)
+
+    return jax.tree_util.tree_map_with_path(update, bias)
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
     windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets).
+    The schedule values and the spike-guard settings enter as traced scalars, so changing them never recompiles.
     """
 
     def loss_fn(params, bias, window_MS, mtp_weight):
@@ -88,7 +91,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, windows_KMS, mtp_weight, gamma):
+    def step(state: TrainState, windows_KMS, mtp_weight, gamma, spike_factor, spike_warmup):
         params, bias = state["params"], state["bias"]
 
         def micro(acc, window):
@@ -108,8 +111,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
 
         nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         ema = state["loss_ema"]
-        judged = (state["step"] >= sc.spike_warmup) & (sc.spike_factor > 0)
-        spike = judged & (loss > sc.spike_factor * ema)
+        judged = (state["step"] >= spike_warmup) & (spike_factor > 0)
+        spike = judged & (loss > spike_factor * ema)
         skip = nonfinite | spike
 
         updates, new_opt = optimizer.update(grads, state["opt"], params)
@@ -130,4 +133,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         max_vio = jnp.zeros((), jnp.float32) if counts.size == 0 else jnp.mean(max_violation(counts))
         return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite)
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+
+    def call(state: TrainState, windows_KMS, mtp_weight, gamma):
+        return jitted(state, windows_KMS, jnp.float32(mtp_weight), jnp.float32(gamma),
+                      jnp.float32(sc.spike_factor), jnp.int32(sc.spike_warmup))
+
+    return call

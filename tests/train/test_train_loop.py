@@ -1,0 +1,172 @@
+"""The training step and loop: resume is bit-identical, the expert bias moves by the sign rule and gets no
+gradient, the spike guard skips and restores, remat policies do not change gradients, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dsv3_jax.balance import update_expert_bias
+from dsv3_jax.config import TINY
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.train.loop import RunArgs, train
+from dsv3_jax.train.optim import make_optimizer
+from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+
+CFG = TINY.replace(num_hidden_layers=2, first_k_dense_replace=1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")", ":"]
+    text = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000))
+    path = d / "corpus.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def _args(workdir, corpus, **kw):
+    base = dict(workdir=str(workdir), steps=6, preset="tiny", batch=4, seq_len=32, data=[corpus], save_every=2,
+                keep=5, sample_tokens=0, progress=False)
+    return RunArgs(**{**base, **kw})
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows]
+
+
+def test_stop_at_and_resume_give_bit_identical_losses(tmp_path, corpus):
+    full = train(_args(tmp_path / "full", corpus))
+    assert full["steps_done"] == 6
+    train(_args(tmp_path / "split", corpus, stop_at=3))
+    assert [s for s, _, _ in _losses(tmp_path / "split")] == [1, 2, 3]
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(_args(tmp_path / "split", corpus))  # nothing overwritten without --resume
+    train(_args(tmp_path / "split", corpus, resume=True))
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # exact float equality, every step
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, corpus):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_args(tmp_path / "empty", corpus, resume=True))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seq_len=4096), "seq_len 4096 exceeds ModelConfig.max_position_embeddings 512"),
+    (dict(data=["/nonexistent/corpus.txt"]), "/nonexistent/corpus.txt"),
+    (dict(micro_batch=3), "--micro-batch 3 must be positive and divide --batch 4"),
+    (dict(stop_at=9), r"--stop-at 9 must be in \[1, --steps 6\]"),
+    (dict(steps=0), "--steps must be a positive integer"),
+])
+def test_bad_run_arguments(tmp_path, corpus, kw, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train(_args(tmp_path / "bad", corpus, **kw))
+
+
+def test_empty_data_file(tmp_path, corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.txt"):
+        train(_args(tmp_path / "run", corpus, data=[str(empty)]))
+
+
+def test_token_ids_past_vocab(tmp_path, corpus):
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.arange(1000, dtype=np.uint16))
+    with pytest.raises(ValueError, match="tokens.npy"):
+        train(_args(tmp_path / "run", corpus, data=[str(tokens)]))
+
+
+def test_spike_guard_skips_and_restores(tmp_path, corpus):
+    # from step 3 on every loss is a "spike" (factor 0.01): updates are skipped, and after 2 skips the last
+    # checkpoint (step 2) is restored
+    train(_args(tmp_path / "spiky", corpus, spike_factor=0.01, spike_warmup=2, max_spikes=2))
+    events = [json.loads(line) for line in open(tmp_path / "spiky" / "events.jsonl")]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("skipped_update") == 4
+    restores = [e for e in events if e["event"] == "restored_checkpoint"]
+    assert restores and restores[0]["step"] == 4 and restores[0]["from_step"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "spiky" / "metrics.jsonl")]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, True, True]
+
+
+# ----- the step function itself -----
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    model = Transformer(CFG, nnx.Rngs(0))
+    graphdef, params, bias = split_model(model)
+    bias = jax.tree.map(lambda b: b + 0.01 * jnp.arange(b.shape[-1], dtype=b.dtype), bias)
+    opt = make_optimizer(params, 1e-3, 10)
+    windows = jax.random.randint(jax.random.key(0), (2, 2, 17), 0, CFG.vocab_size)
+    return graphdef, params, bias, opt, windows
+
+
+def test_bias_moves_by_sign_rule_and_gets_no_gradient(step_setup):
+    graphdef, params, bias, opt, windows = step_setup
+    step = make_train_step(graphdef, opt, StepConfig())
+    state, metrics = step(init_state(params, bias, opt), windows, 0.3, 0.001)
+    assert not bool(metrics.skipped)
+    # independent count: the forward over the same windows with the old state
+    model = nnx.merge(graphdef, params, bias)
+    counts = sum(model.forward(windows[k, :, :-1]).expert_counts for k in range(windows.shape[0]))
+    old = bias["moe_layers"]["ffn"]["expert_bias"][...]
+    new = state["bias"]["moe_layers"]["ffn"]["expert_bias"][...]
+    np.testing.assert_allclose(np.asarray(new), np.asarray(update_expert_bias(old, counts, 0.001)), atol=1e-7)
+    assert set(np.round(np.unique(np.asarray(new - old)) / 0.001).astype(int)) <= {-1, 0, 1}
+    # the optimizer never sees it
+    assert "expert_bias" not in str(jax.tree_util.tree_structure(state["opt"]))
+    # gamma = 0 (the last 500B tokens of the paper): the bias stays put
+    state0, _ = step(init_state(params, bias, opt), windows, 0.3, 0.0)
+    np.testing.assert_array_equal(np.asarray(state0["bias"]["moe_layers"]["ffn"]["expert_bias"][...]),
+                                  np.asarray(old))
+
+
+def test_nonfinite_loss_skips_the_update(step_setup):
+    graphdef, params, bias, opt, windows = step_setup
+    step = make_train_step(graphdef, opt, StepConfig())
+    bad = jax.tree.map(lambda p: p, params)
+    bad["norm"]["weight"].set_value(jnp.full_like(bad["norm"]["weight"][...], jnp.nan))
+    state, metrics = step(init_state(bad, bias, opt), windows, 0.3, 0.001)
+    assert bool(metrics.skipped) and bool(metrics.nonfinite)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(bad)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(state["bias"]["moe_layers"]["ffn"]["expert_bias"][...]),
+                                  np.asarray(bias["moe_layers"]["ffn"]["expert_bias"][...]))
+
+
+def test_remat_policies_give_the_same_gradients(step_setup):
+    graphdef, params, bias, opt, windows = step_setup
+    sgd = optax.sgd(1.0)
+    results = {}
+    for policy in ("none", "paper", "full"):
+        step = make_train_step(graphdef, sgd, StepConfig(remat=policy))
+        state, m = step(init_state(params, bias, sgd), windows, 0.3, 0.001)
+        results[policy] = (float(m.loss), jax.tree.leaves(state["params"]))
+    for policy in ("paper", "full"):
+        assert results[policy][0] == pytest.approx(results["none"][0], rel=1e-6)
+        for a, b in zip(results[policy][1], results["none"][1]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_equals_one_big_batch(step_setup):
+    graphdef, params, bias, opt, windows = step_setup
+    sgd = optax.sgd(1.0)
+    step = make_train_step(graphdef, sgd, StepConfig())
+    two, m2 = step(init_state(params, bias, sgd), windows, 0.3, 0.0)
+    one, m1 = step(init_state(params, bias, sgd), windows.reshape(1, 4, 17), 0.3, 0.0)
+    # the CE and MTP terms are means over equal-size micro-batches; the balance term is per micro-batch
+    assert float(m2.ce) == pytest.approx(float(m1.ce), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(two["params"]), jax.tree.leaves(one["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
