@@ -58,10 +58,13 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
     q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg)
     kv_BSHX = checkpoint_name(jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt)), "mla_up")
     k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
-    # q.k over the concatenation [nope; rope] is the sum of the two partial products.
-    scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-    probs = masked_softmax(scores, mask_BTS, scale).astype(dt)
-    o_BTHV = jnp.einsum("bhts,bshv->bthv", probs, v_BSHV)
+    # k = [k_nope; k_pe shared by all heads] (eq. 4); head-major batched matmuls are 2-3x faster on the CPU
+    # than the token-major einsums.
+    q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
+    k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])
+    k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
+    probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
+    o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
 
 
