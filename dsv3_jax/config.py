@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -237,15 +238,22 @@ def _from_hf(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=req("max_position_embeddings"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        initializer_range=0.006, bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=_first_id(hf.get("eos_token_id")), **rope,
+        initializer_range=0.006, bos_token_id=_token_id(hf, "bos_token_id"),
+        eos_token_id=_token_id(hf, "eos_token_id"), **rope,
     )
     return cls(**kwargs).validate()
 
 
-def _first_id(value: Any) -> int | None:
+def _token_id(hf: dict[str, Any], key: str) -> int | None:
+    """A special-token id of config.json (the first of a list); one outside the vocabulary is metadata the
+    architecture does not depend on, so it is dropped with a warning rather than refusing the checkpoint."""
+    value = hf.get(key)
     if isinstance(value, list):
-        return value[0] if value else None
+        value = value[0] if value else None
+    vocab = hf.get("vocab_size")
+    if value is not None and isinstance(vocab, int) and not 0 <= value < vocab:
+        warnings.warn(f"config.json {key} {value} is outside the vocabulary [0, {vocab}); ignoring it")
+        return None
     return value
 
 

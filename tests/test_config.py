@@ -589,3 +589,11 @@ def test_from_json_file_not_an_object(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match=re.escape(str(path)) + " must hold a JSON object, got list"):
         ModelConfig.from_json_file(path)
+
+
+def test_from_hf_out_of_vocab_special_token_is_dropped_with_a_warning():
+    hf = _released()
+    hf["vocab_size"], hf["eos_token_id"] = 1000, 100001
+    with pytest.warns(UserWarning, match="eos_token_id 100001 is outside the vocabulary"):
+        cfg = ModelConfig.from_hf(hf)
+    assert cfg.eos_token_id is None and cfg.bos_token_id == 0

@@ -226,6 +226,9 @@ def train(args: RunArgs) -> dict[str, Any]:
     print(f"dsv3 train: {model_name}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, corpus "
           f"{len(tokens):,} tokens, lr {peak_lr:g}, precision {args.precision}, workdir {workdir}"
           + (f", resuming at step {start}" if start else ""))
+    if micro == args.batch:
+        print("  batch-size ramp inactive: it grows the number of accumulated micro-batches, so it needs "
+              "--micro-batch smaller than --batch")
 
     def meta_for(step: int) -> dict:
         return {"step": step, "position": position, "model_config": cfg.to_hf(), "run_args": dataclasses.asdict(args),
