@@ -97,6 +97,25 @@ def mla_absorbed(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig,
     return absorbed_output(p, o_lat, cfg)
 
 
+def mla_cached(p: Params, x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe_cache_BSR, cfg: ModelConfig,
+               scale: float):
+    """Absorbed MLA against a latent cache: the new tokens' c_kv / k_pe are written at their positions, then each
+    query attends to the cache slots at or before its own position. No per-head key or value is formed.
+
+    Serves prefill (T prompt tokens), decode (T = 1) and the verification of several drafted tokens alike.
+    Returns (out [B,T,D], c_cache, pe_cache).
+    """
+    q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg)
+    rows = jnp.arange(x_BTD.shape[0])[:, None]
+    c_cache_BSC = c_cache_BSC.at[rows, positions_BT].set(c_kv.astype(c_cache_BSC.dtype))
+    pe_cache_BSR = pe_cache_BSR.at[rows, positions_BT].set(k_pe.astype(pe_cache_BSR.dtype))
+    mask_BTS = jnp.arange(c_cache_BSC.shape[1])[None, None, :] <= positions_BT[:, :, None]
+    dt = x_BTD.dtype
+    o_lat = attend_latent(absorb_query(p, q_nope, cfg), q_pe, c_cache_BSC.astype(dt), pe_cache_BSR.astype(dt),
+                          mask_BTS, scale)
+    return absorbed_output(p, o_lat, cfg), c_cache_BSC, pe_cache_BSR
+
+
 class MLA(nnx.Module):
     """MLA parameters (layout [in, ..., out]; see dsv3_jax/hf.py for the checkpoint mapping)."""
 
@@ -119,3 +138,8 @@ class MLA(nnx.Module):
     def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, absorbed: bool = False) -> jax.Array:
         fn = mla_absorbed if absorbed else mla_naive
         return fn(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg))
+
+    def cached(self, x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe_cache_BSR):
+        """mla_cached with this module's weights."""
+        return mla_cached(values(self), x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe_cache_BSR, self.cfg,
+                          softmax_scale(self.cfg))

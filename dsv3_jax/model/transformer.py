@@ -53,6 +53,14 @@ class Block(nnx.Module):
         return h_BTD + y, aux
 
 
+    def cached(self, h_BTD, cos, sin, positions_BT, c_cache, pe_cache):
+        """The block over new tokens with the latent cache (absorbed attention); returns (h, c_cache, pe_cache)."""
+        a, c_cache, pe_cache = self.attn.cached(self.attn_norm(h_BTD), cos, sin, positions_BT, c_cache, pe_cache)
+        h_BTD = h_BTD + a
+        y = self.ffn(self.ffn_norm(h_BTD))
+        return h_BTD + (y[0] if self.is_moe else y), c_cache, pe_cache
+
+
 class MTPModule(nnx.Module):
     """MTP module k (eqs. 21-22): h'_i = M_k [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)], h^k = TRM_k(h').
 
@@ -138,6 +146,25 @@ class Transformer(nnx.Module):
         if mtp and self.mtp is not None:
             mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask, remat)
         return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden)
+
+    def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache):
+        """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache; returns
+        (logits, hidden [B,T,D] after the final norm, updated cache). Prefill passes the prompt at positions
+        0..T-1, decode one token per sequence at its own position; slots past a query's position are never read."""
+        cos, sin = rope_cos_sin(positions_BT, self.config)
+        h = self.embed_tokens(tokens_BT)
+        k = self.config.num_dense_layers
+
+        def body(layer, h, c, pe):
+            h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
+            return h, (c, pe)
+
+        h, dense = scan_layers(self.dense_layers, body, h, cache.c_kv[:k], cache.k_pe[:k])
+        h, moe = scan_layers(self.moe_layers, body, h, cache.c_kv[k:], cache.k_pe[k:])
+        parts = [x for x in (dense, moe) if x is not None]
+        new_cache = type(cache)(jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts]))
+        hidden = self.norm(h)
+        return self.output_head(hidden), hidden, new_cache
 
     def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask, remat: str):
         """Run the D MTP modules in sequence; module k sees Emb(t_{i+k}) (zeros past the end)."""
