@@ -147,6 +147,14 @@ class Transformer(nnx.Module):
             mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask, remat)
         return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden)
 
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stop_tokens=(), **kwargs):
+        """Greedy or sampled continuation of int32 [B, T] prompts -> [B, T + N] (see inference.generate)."""
+        from dsv3_jax.inference.generate import generate
+
+        return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_tokens=stop_tokens, **kwargs)
+
     def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache):
         """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache; returns
         (logits, hidden [B,T,D] after the final norm, updated cache). Prefill passes the prompt at positions

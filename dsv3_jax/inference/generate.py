@@ -1,0 +1,116 @@
+"""Batched generation over the compressed latent cache (paper §2.1.1): one prefill, then one decode step per token,
+both jit-compiled once for static shapes (cache preallocated to prompt + max_new_tokens)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.inference.cache import init_cache
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None) -> jax.Array:
+    """Next tokens [B]: argmax when temperature == 0, else a draw from softmax(logits / T) restricted to the top_k
+    tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token while the mass strictly before it is below top_p (the first token is always kept)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check(prompt_ids: np.ndarray, lengths: np.ndarray, max_new_tokens: int, temperature: float, top_k, top_p,
+           vocab: int, max_positions: int) -> None:
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be int32 [B, T] with T >= 1, got shape {prompt_ids.shape}")
+    if prompt_ids.min() < 0 or prompt_ids.max() >= vocab:
+        raise ValueError(f"prompt_ids hold token ids outside [0, {vocab})")
+    if np.any(lengths < 1) or np.any(lengths > prompt_ids.shape[1]):
+        raise ValueError(f"prompt_lengths must be in [1, {prompt_ids.shape[1]}], got {lengths.tolist()}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt_ids.shape[1] + max_new_tokens > max_positions:
+        raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_position_embeddings {max_positions}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 0 < top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
+             prompt_lengths: Sequence[int] | None = None, callback: Callable[[int, np.ndarray], None] | None = None,
+             cache_dtype=None) -> np.ndarray:
+    """Continue int32 [B, T] prompts by up to max_new_tokens tokens; returns [B, T + max_new_tokens].
+
+    Prompts of different lengths are right-padded, with `prompt_lengths` giving each real length: row b's new
+    tokens start at prompt_lengths[b]. After a stop token (kept in the output) a row is filled with it.
+    `callback(step, tokens_B)` is called with every new column (streaming).
+    """
+    cfg = model.config
+    prompt = np.asarray(prompt_ids, dtype=np.int32)
+    b, t = prompt.shape if prompt.ndim == 2 else (0, 0)
+    lengths = np.full((b,), t, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths, np.int64)
+    _check(prompt, lengths, max_new_tokens, temperature, top_k, top_p, cfg.vocab_size, cfg.max_position_embeddings)
+    total = t + max_new_tokens
+    out = np.zeros((b, total), np.int32)
+    out[:, :t] = prompt
+    if max_new_tokens == 0:
+        return out
+    dtype = cache_dtype or model.precision.compute_dtype
+    cache = init_cache(cfg, b, total, dtype)
+    step_fn = _compiled_step(model)
+    key = jax.random.key(seed)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, _, cache = step_fn(model, jnp.asarray(prompt), positions, cache)
+    last = logits[jnp.arange(b), jnp.asarray(lengths - 1)]
+    pos = lengths.copy()
+    done = np.zeros((b,), bool)
+    stops = np.asarray(list(stop_tokens), np.int32)
+    for i in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        nxt = np.asarray(sample_logits(last, sub, temperature, top_k, top_p))
+        nxt = np.where(done, out[np.arange(b), pos - 1], nxt)  # finished rows repeat their stop token
+        out[np.arange(b), pos] = nxt
+        if callback is not None:
+            callback(i, nxt.copy())
+        done |= np.isin(nxt, stops)
+        if done.all() or i == max_new_tokens - 1:
+            break
+        logits, _, cache = step_fn(model, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None], jnp.int32), cache)
+        last = logits[:, 0]
+        pos += 1
+    for row in range(b):  # rows that stopped early keep the stop token to the end
+        end = lengths[row] + max_new_tokens
+        if done[row]:
+            stop_at = lengths[row] + np.argmax(np.isin(out[row, lengths[row]:end], stops))
+            out[row, stop_at:end] = out[row, stop_at]
+    return out
+
+
+_STEPS: dict = {}
+
+
+def _compiled_step(model):
+    """nnx.jit of forward_cached, one per model graph (prefill and decode differ only in shapes)."""
+    fn = _STEPS.get(id(type(model)))
+    if fn is None:
+        fn = _STEPS[id(type(model))] = nnx.jit(lambda m, tok, pos, cache: m.forward_cached(tok, pos, cache))
+    return fn
