@@ -149,11 +149,14 @@ class Transformer(nnx.Module):
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=(), **kwargs):
-        """Greedy or sampled continuation of int32 [B, T] prompts -> [B, T + N] (see inference.generate)."""
-        from dsv3_jax.inference.generate import generate
-
-        return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens, **kwargs)
+        """Greedy or sampled continuation of int32 [B, T] prompts -> [B, T + N] (see inference.generate);
+        speculative=True drafts with the MTP module (inference.speculative)."""
+        if kwargs.pop("speculative", False):
+            from dsv3_jax.inference.speculative import speculative_generate as fn
+        else:
+            from dsv3_jax.inference.generate import generate as fn
+        return fn(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop_tokens=stop_tokens, **kwargs)
 
     def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache):
         """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache; returns
