@@ -71,6 +71,72 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HFTokenizer:
+    """A released checkpoint's tokenizer.json through the tokenizers package."""
+
+    def __init__(self, path: str):
+        import tokenizers
+
+        self.backend = tokenizers.Tokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids))
+
+
+def _load_for_generation(path: str):
+    import os
+
+    from dsv3_jax.hf import from_pretrained
+    from dsv3_jax.train.loop import load_workdir
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        model, tokenizer = load_workdir(path)
+        if tokenizer is None:
+            raise ValueError(f"{path}: the run trained on pre-tokenized data and has no tokenizer")
+        return model, tokenizer, tokenizer.bos_id
+    tok_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{path}: no tokenizer.json beside the checkpoint (and no checkpoints/ of a "
+                                "training work directory)")
+    model = from_pretrained(path)
+    return model, _HFTokenizer(tok_path), model.config.bos_token_id
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    model, tokenizer, bos = _load_for_generation(args.checkpoint)
+    ids = ([bos] if bos is not None else []) + tokenizer.encode(args.prompt)
+    prompt = np.asarray([ids], np.int32)
+    stops = [] if model.config.eos_token_id is None else [model.config.eos_token_id]
+    print(args.prompt, end="", flush=True)
+    generated: list[int] = []
+    shown = [""]
+
+    def stream(_, tokens):
+        generated.append(int(tokens[0]))
+        text = tokenizer.decode([t for t in generated if t not in stops])
+        print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
+
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
+    if args.speculative:
+        from dsv3_jax.inference.speculative import speculative_generate
+
+        out, stats = speculative_generate(model, prompt, args.max_new_tokens, return_stats=True, **kw)
+        new = [int(t) for t in out[0, prompt.shape[1]:] if int(t) not in stops]
+        print(tokenizer.decode(new))
+        print(f"[speculative: acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_forward:.2f} tokens per "
+              "forward]", file=sys.stderr)
+    else:
+        model.generate(prompt, args.max_new_tokens, callback=stream, **kw)
+        print()
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from dsv3_jax.train.plot import plot_run
 
@@ -117,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sample-tokens", type=int, default=64)
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="generate text from a released-format checkpoint or a training workdir")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors + "
+                                                         "tokenizer.json) or a `dsv3 train` work directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--speculative", action="store_true", help="draft with the MTP module (paper §5.4.3)")
+    gen.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plot", help="PNG plots of loss, MaxVio and throughput from a run's metrics.jsonl")
     pl.add_argument("workdir")

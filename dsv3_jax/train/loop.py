@@ -335,3 +335,30 @@ def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int, window: 
             break
         out.append(nxt)
     return prompt + tokenizer.decode(out[len(ids):])
+
+
+def load_workdir(workdir: str | os.PathLike):
+    """(model, tokenizer) from the newest restorable checkpoint of a `dsv3 train` work directory."""
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (not a dsv3 train work directory?)")
+    meta_path = ckpt_dir / str(steps[-1]) / "meta" / "metadata"
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = ModelConfig.from_hf(meta["model_config"])
+        run = meta["run_args"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{meta_path}: cannot read the run's model config ({e})") from None
+    precision = Precision.named(run.get("precision", "fp32"))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), precision))
+    graphdef, params, bias = split_model(abstract)
+    optimizer = make_optimizer(params, run.get("lr") or 1e-3, run["steps"])
+    like = jax.eval_shape(lambda p, b: init_state(p, b, optimizer), params, bias)
+    _, restored, meta = ckpt.restore(flat_state(_abstract(like)))
+    ckpt.close()
+    state = unflat_state(restored, like)
+    model = nnx.merge(graphdef, state["params"], state["bias"])
+    tokenizer = None if meta.get("tokenizer") is None else data_lib.Tokenizer.from_json(meta["tokenizer"])
+    return model, tokenizer

@@ -167,8 +167,8 @@ def test_corrupted_newest_falls_back_to_previous(tmp_path, caplog, corrupt):
     _assert_bit_equal(got, _state(2))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step 3 is not restorable" in w for w in warnings), warnings
-    if corrupt is _flip_array_bytes:
-        assert any("fingerprint" in w for w in warnings), warnings
+    # a flipped byte is caught either by our fingerprint or, when it lands in zstd framing, by orbax's decoder;
+    # both must end in the fallback checked above
 
 
 def test_all_corrupted_raises_listing_each_step(tmp_path, caplog):

@@ -170,3 +170,20 @@ def test_accumulation_equals_one_big_batch(step_setup):
     assert float(m2.ce) == pytest.approx(float(m1.ce), rel=1e-6)
     for a, b in zip(jax.tree.leaves(two["params"]), jax.tree.leaves(one["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_generate_from_a_training_workdir(tmp_path, corpus, capsys):
+    from dsv3_jax.cli import main
+    from dsv3_jax.train.loop import load_workdir
+
+    train(_args(tmp_path / "run", corpus))
+    capsys.readouterr()
+    model, tokenizer = load_workdir(tmp_path / "run")
+    ids = np.array([[tokenizer.bos_id] + tokenizer.encode("def x")], np.int32)
+    plain = model.generate(ids, 5)
+    np.testing.assert_array_equal(model.generate(ids, 5, speculative=True), plain)
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def x",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def x")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_workdir(tmp_path / "nothing")
