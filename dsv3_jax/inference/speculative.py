@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.inference.cache import LatentCache, init_cache
-from dsv3_jax.inference.generate import _check
+from dsv3_jax.inference.generate import _check, _compiled_step
 from dsv3_jax.model.rope import rope_cos_sin
 
 
@@ -61,6 +61,9 @@ def _mtp_step(model, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCach
     return model.output_head(mod.head_norm(h)), LatentCache(c[None], pe[None])
 
 
+_MTP_STEP = nnx.jit(_mtp_step)
+
+
 def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
                          prompt_lengths: Sequence[int] | None = None, return_stats: bool = False):
@@ -82,8 +85,7 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: fl
     size = total + 2
     cache = init_cache(cfg, b, size, dtype)
     mtp_cache = LatentCache(*(x[:1] for x in init_cache(cfg, b, size, dtype)))
-    main_fn = nnx.jit(lambda m, tok, pos, c: m.forward_cached(tok, pos, c))
-    mtp_fn = nnx.jit(_mtp_step)
+    main_fn, mtp_fn = _compiled_step(model), _MTP_STEP
     sampling = temperature > 0
     key = jax.random.key(seed)
     rows = np.arange(b)

@@ -145,17 +145,23 @@ def _tiled_matmul_bwd(res, g_PF):
 _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
-def default_tile() -> int:
-    """Grouped-matmul tile: padded tiles on the CPU, ragged_dot elsewhere."""
-    return 64 if jax.default_backend() == "cpu" else 1
+def default_tile(pairs: int | None = None, num_experts: int | None = None) -> int:
+    """Grouped-matmul tile: ragged_dot (1) on accelerators; on the CPU, padded tiles of 64 rows, except for few
+    (token, expert) pairs (decoding), where the E x pairs masked product of ragged_dot is cheaper than the
+    E x 63 padding rows of the tiles."""
+    if jax.default_backend() != "cpu":
+        return 1
+    if pairs is not None and num_experts is not None and pairs * num_experts < pairs + num_experts * 63:
+        return 1
+    return 64
 
 
 def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD,
                    tile: int | None = None) -> jax.Array:
     """sum_k g_k * SwiGLU_{e_k}(x) for every token, dropless (eq. 13's routed term)."""
-    tile = default_tile() if tile is None else tile
-    dt = x_TD.dtype
     t, k = routing.experts_TK.shape
+    tile = default_tile(t * k, w_gate_EDF.shape[0]) if tile is None else tile
+    dt = x_TD.dtype
     layout = dispatch_layout(routing.experts_TK, w_gate_EDF.shape[0], tile)
     # Row r of the buffer holds token src[r]; padding rows point at an appended zero row.
     src = jnp.full((layout.rows,), t, jnp.int32).at[layout.dest_TK.reshape(-1)].set(

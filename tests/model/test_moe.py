@@ -53,7 +53,7 @@ def _params(moe):
 
 @pytest.mark.parametrize("tile", [1, 4, 64])
 def test_moe_equals_per_token_loop(tile, monkeypatch):
-    monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda: tile)
+    monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda *_: tile)
     moe = MoE(CFG, jnp.float32, nnx.Rngs(0))
     moe.expert_bias[...] = jnp.asarray(np.random.default_rng(1).uniform(-0.1, 0.1, CFG.n_routed_experts), jnp.float32)
     x = jax.random.normal(jax.random.key(2), (2, 7, CFG.hidden_size))
@@ -65,7 +65,7 @@ def test_moe_equals_per_token_loop(tile, monkeypatch):
 
 @pytest.mark.parametrize("tile", [1, 64])
 def test_dropless_when_every_token_prefers_one_expert(tile, monkeypatch):
-    monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda: tile)
+    monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda *_: tile)
     cfg = CFG.replace(n_group=1, topk_group=1, num_experts_per_tok=2)
     moe = MoE(cfg, jnp.float32, nnx.Rngs(0))
     bias = np.zeros(cfg.n_routed_experts, np.float32)
