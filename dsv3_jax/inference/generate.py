@@ -13,12 +13,9 @@ from flax import nnx
 from dsv3_jax.inference.cache import init_cache
 
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
-                  top_p: float | None) -> jax.Array:
-    """Next tokens [B]: argmax when temperature == 0, else a draw from softmax(logits / T) restricted to the top_k
-    tokens and to the smallest set whose probability reaches top_p."""
-    if temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
+    """logits / T (float32) with everything outside the top_k tokens, and outside the smallest set whose
+    probability reaches top_p, set to -inf: the sampling distribution is softmax of the result."""
     logits = logits_BV.astype(jnp.float32) / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -30,7 +27,15 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
         before = jnp.cumsum(probs, axis=-1) - probs
         cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None) -> jax.Array:
+    """Next tokens [B]: argmax when temperature == 0, else a draw from softmax(filter_logits(...))."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
 
 
 def _check(prompt_ids: np.ndarray, lengths: np.ndarray, max_new_tokens: int, temperature: float, top_k, top_p,

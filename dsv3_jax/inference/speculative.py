@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.inference.cache import LatentCache, init_cache
-from dsv3_jax.inference.generate import _check, _compiled_step
+from dsv3_jax.inference.generate import _check, _compiled_step, filter_logits
 from dsv3_jax.model.rope import rope_cos_sin
 
 
@@ -37,17 +37,7 @@ class SpeculativeStats(NamedTuple):
 
 def _filtered_probs(logits, temperature, top_k, top_p):
     """The sampling distribution of generate.sample_logits as explicit probabilities [B, V] (float32)."""
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
 
 
 def _mtp_step(model, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache):
