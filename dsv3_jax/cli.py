@@ -1,4 +1,5 @@
-"""The `dsv3` command line: `dsv3 info` (parameter and cache accounting of a config)."""
+"""The `dsv3` command line: `dsv3 info` (parameter and cache accounting of a config), `train`, `generate`, `plot`
+and `plan` (the analytic parallel-training planner of sharding/planner.py)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sharding.planner import TrainSettings, _parse_mesh, format_plan, plan
+
+    settings = TrainSettings(global_batch=args.global_batch, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                             schedule=args.schedule, precision=args.precision,
+                             gemm_efficiency=args.gemm_efficiency, attention_efficiency=args.attention_efficiency,
+                             comm_sms=args.comm_sms, tokens=args.tokens)
+    result = plan(_load_config(args), _parse_mesh(args.mesh), args.hardware, settings, gpus=args.gpus)
+    print(json.dumps(result) if args.json else format_plan(result, args.config or args.preset))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--speculative", action="store_true", help="draft with the MTP module (paper §5.4.3)")
     gen.set_defaults(func=cmd_generate)
+
+    from sharding.planner import HARDWARE, SCHEDULES, TrainSettings
+
+    d = TrainSettings()
+    pn = sub.add_parser("plan", help="analytic memory and step-time estimate of a parallel training setup, next to "
+                                     "the paper's GPU-hours")
+    _add_model_args(pn)
+    pn.add_argument("--mesh", default="pp=16,dp=2,ep=64", help="AXIS=SIZE,... over pp, dp, ep, tp; one size may be "
+                                                              "'auto' (needs --gpus). Default: the paper's layout")
+    pn.add_argument("--gpus", type=int, help="GPU count the mesh must multiply to (default: the mesh's product)")
+    pn.add_argument("--hardware", default="h800", choices=sorted(HARDWARE))
+    pn.add_argument("--global-batch", type=int, default=d.global_batch, help="sequences per step")
+    pn.add_argument("--seq-len", type=int, default=d.seq_len)
+    pn.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per micro-batch per rank")
+    pn.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="pipeline schedule (pp > 1)")
+    pn.add_argument("--precision", default=d.precision, choices=["fp8", "bf16"], help="GEMM precision")
+    pn.add_argument("--gemm-efficiency", type=float, default=d.gemm_efficiency,
+                    help="achieved fraction of the dense GEMM peak")
+    pn.add_argument("--attention-efficiency", type=float, default=d.attention_efficiency,
+                    help="achieved fraction of the BF16 peak in attention kernels")
+    pn.add_argument("--comm-sms", type=int, default=d.comm_sms, help="SMs reserved for the overlapped all-to-all")
+    pn.add_argument("--tokens", type=float, default=d.tokens, help="pre-training tokens")
+    pn.add_argument("--json", action="store_true", help="print one JSON object")
+    pn.set_defaults(func=cmd_plan)
 
     pl = sub.add_parser("plot", help="PNG plots of loss, MaxVio and throughput from a run's metrics.jsonl")
     pl.add_argument("workdir")
