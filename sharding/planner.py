@@ -153,7 +153,8 @@ def _mesh_str(sizes: dict[str, int]) -> str:
 class Unit:
     """One pipeline slot: the embedding, a dense or MoE block, an MTP module, or the final norm + head.
 
-    FLOPs are forward FLOPs per token; act_bytes are bytes per token kept for the backward pass.
+    FLOPs are forward FLOPs per token; act_bytes are bytes per token kept for the backward pass; hbm_bytes is the
+    forward HBM traffic per token of the memory-bound (non-GEMM) operators.
     """
 
     kind: str
@@ -164,6 +165,7 @@ class Unit:
     attn_flops: float  # q.k and p.v (BF16 attention kernels)
     recompute_flops: float  # forward FLOPs repeated in the backward pass (MLA up-projections, §3.2.3)
     act_bytes: float
+    hbm_bytes: float = 0.0
     a2a_layers: int = 0  # MoE all-to-all rounds (1 for a MoE block or an MoE MTP module)
 
 
@@ -179,9 +181,12 @@ def _attention(cfg: ModelConfig, seq_len: int, fp8: bool) -> dict:
     # and the residual after attention (input of the FFN RMSNorm).
     out_bytes = 1.5 if fp8 else 2.0
     act = 2 * d + 2 * q + 2 * (kv + r) + out_bytes * h * vh + 4 * h + 2 * d
+    # Memory-bound traffic: RMSNorms on x, c_Q, c_KV (read + write BF16), RoPE on q_pe and k_pe, the attention
+    # output converted for W^O, the residual add (read 2, write 1).
+    hbm = 4 * d + 4 * q + 4 * kv + 4 * (h * r + r) + (2 + out_bytes) * h * vh + 6 * d
     return dict(params=matrices + vectors, fp8_flops=2.0 * matrices,
                 attn_flops=2.0 * h * (cfg.qk_head_dim + vh) * (seq_len + 1) / 2,
-                recompute_flops=2.0 * (q_up + kv_up), act_bytes=act)
+                recompute_flops=2.0 * (q_up + kv_up), act_bytes=act, hbm_bytes=hbm)
 
 
 def _moe(cfg: ModelConfig, fp8: bool) -> dict:
@@ -194,13 +199,18 @@ def _moe(cfg: ModelConfig, fp8: bool) -> dict:
     # live on the expert ranks); the SwiGLU inputs of the K routed + shared experts in FP8 (§3.3.4), the SwiGLU
     # output being recomputed. The gate weight scales the SwiGLU output, so no K x D expert output is kept.
     act = 4 * e + 8 * k + k * d * val + (k + s) * 2 * f * val
+    # Traffic: the RMSNorm, router scores (fp32), SwiGLU (reads gate and up, writes its output), the FP8 copy
+    # of the SwiGLU inputs kept for backward, quantizing the down-projection input, the residual add.
+    n = k + s
+    hbm = 4 * d + 8 * e + 6 * n * f + 2 * n * f * val + (2 + val) * n * f + 6 * d
     return dict(params=routed + other, expert_params=routed, fp8_flops=2.0 * 3 * (k + s) * d * f,
-                bf16_flops=2.0 * d * e, act_bytes=act)
+                bf16_flops=2.0 * d * e, act_bytes=act, hbm_bytes=hbm)
 
 
 def _dense_ffn(cfg: ModelConfig) -> dict:
     d, i = cfg.hidden_size, cfg.intermediate_size
-    return dict(params=3 * d * i, fp8_flops=2.0 * 3 * d * i, act_bytes=2 * 2 * i)  # SwiGLU inputs in BF16
+    # SwiGLU inputs kept in BF16; traffic: RMSNorm, SwiGLU, residual add
+    return dict(params=3 * d * i, fp8_flops=2.0 * 3 * d * i, act_bytes=2 * 2 * i, hbm_bytes=4 * d + 6 * i + 6 * d)
 
 
 def _block(kind: str, cfg: ModelConfig, seq_len: int, fp8: bool) -> Unit:
@@ -209,7 +219,8 @@ def _block(kind: str, cfg: ModelConfig, seq_len: int, fp8: bool) -> Unit:
     return Unit(kind, params=attn["params"] + ffn["params"], expert_params=ffn.get("expert_params", 0),
                 fp8_flops=attn["fp8_flops"] + ffn["fp8_flops"], bf16_flops=ffn.get("bf16_flops", 0.0),
                 attn_flops=attn["attn_flops"], recompute_flops=attn["recompute_flops"],
-                act_bytes=attn["act_bytes"] + ffn["act_bytes"], a2a_layers=int(kind == "moe"))
+                act_bytes=attn["act_bytes"] + ffn["act_bytes"], hbm_bytes=attn["hbm_bytes"] + ffn["hbm_bytes"],
+                a2a_layers=int(kind == "moe"))
 
 
 def model_units(cfg: ModelConfig, seq_len: int, fp8: bool = True) -> list[Unit]:
@@ -226,10 +237,11 @@ def model_units(cfg: ModelConfig, seq_len: int, fp8: bool = True) -> list[Unit]:
         # their norms recomputed), the head input and the LSE of a fused cross-entropy.
         units.append(dataclasses.replace(
             block, kind="mtp", params=block.params + 3 * d + 2 * d * d, fp8_flops=block.fp8_flops + 2.0 * 2 * d * d,
-            bf16_flops=block.bf16_flops + 2.0 * v * d, act_bytes=block.act_bytes + 2 * 2 * d + 2 * d + 4))
+            bf16_flops=block.bf16_flops + 2.0 * v * d, act_bytes=block.act_bytes + 2 * 2 * d + 2 * d + 4,
+            hbm_bytes=block.hbm_bytes + 3 * 4 * d))
     # Kept for the head: the final hidden state (its norm recomputed) and the LSE of a fused (chunked)
     # cross-entropy, so no [T, V] logits are stored.
-    units.append(Unit("head", head_params, 0, 0.0, 2.0 * v * d, 0.0, 0.0, 2 * d + 4))
+    units.append(Unit("head", head_params, 0, 0.0, 2.0 * v * d, 0.0, 0.0, 2 * d + 4, hbm_bytes=4 * d))
     return units
 
 
@@ -312,13 +324,16 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
     def chunk(stage: list[Unit]) -> dict:
         fp8f, bf16f, attnf, recf = (sum(getattr(u, k) for u in stage) * mb_tokens / tp
                                     for k in ("fp8_flops", "bf16_flops", "attn_flops", "recompute_flops"))
-        f = fp8f / gemm8 + bf16f / gemm16 + attnf / attn
+        # memory-bound operators at the HBM bandwidth; backward moves twice the forward traffic (gradients in
+        # and out, recomputed norms, the 128x1 re-quantization of GEMM inputs)
+        mem_f = sum(u.hbm_bytes for u in stage) * mb_tokens / tp / (hw.hbm_tbps * 1e12)
+        f = fp8f / gemm8 + bf16f / gemm16 + attnf / attn + mem_f
         w = fp8f / gemm8 + bf16f / gemm16  # weight-gradient GEMMs: as many FLOPs as the forward GEMMs
         b = 2 * f + recf / gemm8  # input + weight gradients, plus the recomputed up-projections
         a2a = sum(u.a2a_layers for u in stage)
         blocks = sum(u.kind in ("dense", "moe", "mtp") for u in stage)
-        return dict(f=f, b=b, w=w, rec=recf / gemm8, fp8=3 * fp8f + recf, flops=3 * (fp8f + bf16f + attnf) + recf,
-                    a2a=a2a, blocks=blocks)
+        return dict(f=f, b=b, w=w, rec=recf / gemm8, membound=3 * mem_f, fp8=3 * fp8f + recf,
+                    flops=3 * (fp8f + bf16f + attnf) + recf, a2a=a2a, blocks=blocks)
 
     chunks = [chunk(st) for st in stages]
 
@@ -328,8 +343,12 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
 
     # --- memory per device ---
     zero_dense, zero_expert = copies * dp * ep, copies * dp  # ZeRO-1 groups: every rank holding the same weights
-    in_flight = {"none": 1, "gpipe": n_micro, "1f1b": min(pp, n_micro), "zb1p": min(pp, n_micro),
-                 "dualpipe": pp + 1, "dualpipev": 2 * pp + 1}[schedule]
+
+    def in_flight(r: int) -> int:
+        """Stage chunks whose forward ran and whose backward has not, at the rank's peak (§8.3)."""
+        if schedule in ("1f1b", "zb1p"):
+            return min(pp - r, n_micro)  # rank r of 1F1B warms up with pp - r forwards
+        return {"none": 1, "gpipe": n_micro, "dualpipe": pp + 1, "dualpipev": 2 * pp + 1}[schedule]
 
     def memory(r: int) -> dict:
         ids_r = [i for i, _ in rank_stages[r]]
@@ -341,7 +360,7 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
                    params=2.0 * (dense_p + expert_p),  # BF16 working weights
                    grads=4.0 * (dense_p + expert_p),  # FP32 gradient accumulators (ZeRO-1 keeps them whole)
                    optimizer=(4.0 + 2 * 2.0) * sharded,  # FP32 master weights, BF16 AdamW m and v
-                   activations=in_flight * chunk_act)
+                   activations=in_flight(r) * chunk_act, in_flight=in_flight(r))
         mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"]
         return mem
 
@@ -367,7 +386,8 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
     def timing(r: int, mem: dict) -> dict:
         """Seconds per step on rank r: its compute, bubble, communication, then the data-parallel update."""
         passes = sum(v for _, v in rank_stages[r])
-        t = dict(compute=per_rank(r, "f") + per_rank(r, "b"), recompute=per_rank(r, "rec"))
+        t = dict(compute=per_rank(r, "f") + per_rank(r, "b"), recompute=per_rank(r, "rec"),
+                 membound=per_rank(r, "membound"))
         t.update({k_: per_rank(r, k_) / (n_micro * passes) for k_ in ("f", "b", "w")})  # the rank's mean chunk
         t["bubble"] = _bubble(schedule, n_stages, t["f"], t["b"], t["w"])
         a2a_tokens = per_rank(r, "a2a") * mb_tokens  # token x MoE-layer passes
@@ -403,7 +423,8 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
     gpu_h_per_t = n_gpus * 1e12 / tokens_per_s / 3600
     pretrain_h = gpu_h_per_t * s.tokens / 1e12
     flops_token = 3 * sum(u.fp8_flops + u.bf16_flops + u.attn_flops for u in units)
-    paper_setup = (cfg == ModelConfig() and n_gpus == PAPER["gpus"] and hw.name.lower() == PAPER["hardware"])
+    paper_setup = (cfg == ModelConfig() and hw.name.lower() == PAPER["hardware"] and (pp, dp * ep, ep, tp) == (
+        16, 128, 64, 1) and (schedule, s.precision, s.global_batch, s.seq_len) == ("dualpipe", "fp8", 15360, 4096))
     out = {
         "gpus": n_gpus, **{a: m[a] for a in MESH_AXES}, "hardware": hw.name, "schedule": schedule,
         "precision": s.precision, "global_batch": s.global_batch, "seq_len": s.seq_len,
@@ -414,14 +435,14 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         # memory (bytes) on the worst rank
         "mem_rank": worst, "params_per_device": mem["held"], "param_bytes": mem["params"],
         "grad_bytes": mem["grads"], "optimizer_bytes": mem["optimizer"], "activation_bytes": mem["activations"],
-        "activation_bytes_per_chunk": mem["chunk_act"], "chunks_in_flight": in_flight,
+        "activation_bytes_per_chunk": mem["chunk_act"], "chunks_in_flight": mem["in_flight"],
         "total_bytes": mem["total"], "hbm_bytes": hw.hbm_gb * 1e9, "fits": mem["total"] <= hw.hbm_gb * 1e9,
         "zero_group_dense": zero_dense, "zero_group_expert": zero_expert,
         # time (seconds per step) on the slowest rank
         "time_rank": slow, "stage_imbalance": t["compute"] / mean_compute,
         "imbalance_s": t["compute"] - mean_compute,
         "chunk_f_s": t["f"], "chunk_b_s": t["b"], "chunk_w_s": t["w"], "compute_s": t["compute"],
-        "recompute_s": t["recompute"],
+        "recompute_s": t["recompute"], "memory_bound_s": t["membound"],
         "fp8_flop_share": sum(c["fp8"] for c in chunks) / sum(c["flops"] for c in chunks) if fp8 else 0.0,
         "bubble_s": t["bubble"], "ep_ib_bytes": t["ep_ib"], "ep_nvlink_bytes": t["ep_nvl"],
         "ep_nodes_per_token": nodes_reached, "ep_s": t["ep"], "pp_bytes": t["pp_bytes"], "pp_s": t["pp"],
@@ -478,6 +499,7 @@ def format_plan(p: dict, model: str = "") -> str:
         f"  {'time per step (rank ' + str(p['time_rank']) + ', the slowest)':<62}{'s':>10}",
         row(f"compute ({p['fp8_flop_share']:.0%} of FLOPs in FP8; incl. {p['recompute_s']:.2f} s recomputation)",
             p["compute_s"]),
+        row("  of which memory-bound operators (norms, SwiGLU, quantization)", p["memory_bound_s"]),
         row(f"  of which stage imbalance ({p['stage_imbalance']:.2f} x the mean rank)", p["imbalance_s"]),
         row("pipeline bubble", p["bubble_s"]),
         row(f"EP all-to-all ({p['ep_ib_bytes'] / 1e9:.0f} GB IB, {p['ep_nvlink_bytes'] / 1e9:.0f} GB NVLink, "
