@@ -472,7 +472,7 @@ def format_plan(p: dict, model: str = "") -> str:
     gib = 2 ** 30
 
     def row(label: str, value: float) -> str:
-        return f"  {label:<62}{value:10.2f}"
+        return f"  {label:<62}{value:10.2f}" if value == 0 or value >= 0.01 else f"  {label:<62}{value:10.1e}"
 
     mesh = _mesh_str({a: p[a] for a in MESH_AXES})
     lines = [
@@ -503,7 +503,7 @@ def format_plan(p: dict, model: str = "") -> str:
         row(f"  of which stage imbalance ({p['stage_imbalance']:.2f} x the mean rank)", p["imbalance_s"]),
         row("pipeline bubble", p["bubble_s"]),
         row(f"EP all-to-all ({p['ep_ib_bytes'] / 1e9:.0f} GB IB, {p['ep_nvlink_bytes'] / 1e9:.0f} GB NVLink, "
-            f"{p['ep_nodes_per_token']} nodes per token)", p["ep_s"]),
+            f"{p['ep_nodes_per_token']} node(s) per token)", p["ep_s"]),
         row(f"PP p2p ({p['pp_bytes'] / 1e9:.1f} GB)", p["pp_s"]),
         row("  exposed EP + PP communication", p["exposed_comm_s"]),
         row(f"TP all-reduce ({p['tp_bytes'] / 1e9:.1f} GB)", p["tp_s"]),
@@ -520,8 +520,9 @@ def format_plan(p: dict, model: str = "") -> str:
             (f"pre-training, {p['pretrain_tokens'] / 1e12:g}T tokens, GPU-hours", "pretrain_gpu_hours", 1e3, "K"),
             ("+ context ext. 119K + post-training 5K", "total_gpu_hours", 1e3, "K")]
     for label, key, scale, unit in rows:
-        lines.append(f"  {label:<44}{p[key] / scale:11,.1f}{unit}{p['paper_' + key] / scale:11,.1f}{unit}"
-                     f"{p['ratio_' + key]:8.2f}")
+        ratio = f"{p['ratio_' + key]:8.2f}" if p["paper_setup"] else f"{'-':>8}"
+        lines.append(f"  {label:<44}{p[key] / scale:11,.1f}{unit}{p['paper_' + key] / scale:11,.1f}{unit}{ratio}")
     if not p["paper_setup"]:
-        lines.append("  (not the paper's setup: the paper's figures are for DeepSeek-V3 on 2048 H800)")
+        lines.append("  (no ratio: the paper's figures are for DeepSeek-V3 on 2048 H800, pp=16, ep=64, DualPipe, FP8, "
+                     "batch 15360 x 4096)")
     return "\n".join(lines)
