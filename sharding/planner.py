@@ -436,6 +436,7 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         "mem_rank": worst, "params_per_device": mem["held"], "param_bytes": mem["params"],
         "grad_bytes": mem["grads"], "optimizer_bytes": mem["optimizer"], "activation_bytes": mem["activations"],
         "activation_bytes_per_chunk": mem["chunk_act"], "chunks_in_flight": mem["in_flight"],
+        "activation_bytes_per_block": max(u.act_bytes for u in units) * mb_tokens / tp,  # one micro-batch
         "total_bytes": mem["total"], "hbm_bytes": hw.hbm_gb * 1e9, "fits": mem["total"] <= hw.hbm_gb * 1e9,
         "zero_group_dense": zero_dense, "zero_group_expert": zero_expert,
         # time (seconds per step) on the slowest rank
@@ -491,7 +492,8 @@ def format_plan(p: dict, model: str = "") -> str:
         row("gradients, FP32", p["grad_bytes"] / gib),
         row(f"master FP32 + AdamW m, v BF16 (ZeRO-1 over {p['zero_group_dense']} / {p['zero_group_expert']} "
             "ranks)", p["optimizer_bytes"] / gib),
-        row(f"activations ({p['chunks_in_flight']} chunks x {p['activation_bytes_per_chunk'] / gib:.2f} GiB)",
+        row(f"activations ({p['chunks_in_flight']} chunks x {p['activation_bytes_per_chunk'] / gib:.2f} GiB; "
+            f"{p['activation_bytes_per_block'] / gib:.2f} GiB for the largest block)",
             p["activation_bytes"] / gib),
         row(f"total (of {p['hbm_bytes'] / gib:.1f} GiB HBM: {'fits' if p['fits'] else 'DOES NOT FIT'})",
             p["total_bytes"] / gib),
