@@ -71,6 +71,11 @@ def test_tiny_memory_by_hand():
     assert p["total_bytes"] == 271648 + 543296 + 369952 + 47744
     rank0 = 2 * 120712 + 4 * 120712 + 8 * (STAGE0_DENSE / 4 + STAGE0_EXPERT / 2 / 2) + 2 * 16 * STAGE0_ACT
     assert rank0 == 1088064 < p["total_bytes"]
+    # FP8 recipe (§3.3): attention output in E5M6 (1.5 bytes), dispatched copies and SwiGLU inputs in FP8 with a
+    # 4-byte scale per 128 values: attention 128 + 64 + 80 + 1.5*64 + 16 + 128 = 512, MoE 32 + 16 + 2*64*1.03125
+    # + 3*64*1.03125 = 378; stage 1 = (512 + 378) + (890 + 2*2*64 + 2*64 + 4) + 132 = 2300 per token
+    fp8 = _tiny("pp=2,dp=2,ep=2", precision="fp8")
+    assert fp8["activation_bytes"] == 16 * 2300
 
 
 def test_dualpipe_doubles_parameters_and_holds_pp_plus_one_chunks():
