@@ -1,8 +1,11 @@
-"""Block-scaled FP8 GEMM reference, C = A @ B^T (DeepSeek-V3 paper §3.3.2; reference §5.1 fp8_gemm, §5.2 DeepGEMM).
+"""Block-scaled FP8 GEMM, C = A @ B^T (DeepSeek-V3 paper §3.3.2; reference §5.1 fp8_gemm, §5.2 DeepGEMM).
 
 A is quantized per 1x128 tile (x_s [M, nK]) and B per 128x128 block (w_s [nN, nK]). Each 128-wide K slice is
-multiplied in FP32 and promoted into the FP32 accumulator with its scales applied there:
+multiplied with FP32 accumulation and promoted into the FP32 accumulator with its scales applied there:
 ``acc += (a_blk @ b_blk^T) * a_s[:, kb][:, None] * b_s[n // 128, kb][None, :]``; the output is cast once at the end.
+
+``fp8_gemm`` is the public entry point: a Pallas kernel (grid over M and N blocks, a loop over the 128-wide K
+blocks inside) on GPU, the plain-jnp ``fp8_gemm_ref`` elsewhere; both have the same signature.
 
 Dimension letters: M rows of A, N rows of B (out features), K contraction, k the K block index (nK blocks), b the
 offset within a K block.
@@ -14,9 +17,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._select import check_block, next_pow2, resolve_impl, round_up
 
 BLOCK_K = 128  # the scale granularity along K; DeepGEMM asserts BLOCK_K == 128
-BLOCK_N = 128
+BLOCK_N = 128  # one weight-scale block per output tile, so the B scale is a scalar per (tile, K block)
+DEFAULT_BLOCK_M = 64
 
 
 def _check_shapes(x_q, x_s, w_q, w_s) -> None:
@@ -36,19 +43,114 @@ def _check_shapes(x_q, x_s, w_q, w_s) -> None:
         )
 
 
+def _check_operand_dtypes(name: str, x_q, w_q) -> None:
+    """The kernel's dot takes both operands in one floating dtype (e4m3 for FP8; bf16/f32 with unit scales)."""
+    if not jnp.issubdtype(x_q.dtype, jnp.floating) or x_q.dtype != w_q.dtype:
+        raise ValueError(
+            f"{name}: x_q and w_q must share one floating dtype (float8_e4m3fn for FP8), "
+            f"got {x_q.dtype} and {w_q.dtype}"
+        )
+
+
+def _promoted_matmul_ref(x_MK, xs_Mk, w_NK, ws_nk):
+    """jnp FP32 [M, N] = sum over 128-wide K blocks of (x_blk @ w_blk^T) * xs[:, k] * ws[n // 128, k]."""
+    (M, K), N = x_MK.shape, w_NK.shape[0]
+    nK = xs_Mk.shape[1]
+    pad_K = nK * BLOCK_K - K
+    # Zero padding of the partial last K block contributes exactly 0 to every partial product.
+    x_kMb = jnp.pad(x_MK.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(M, nK, BLOCK_K).transpose(1, 0, 2)
+    w_kNb = jnp.pad(w_NK.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(N, nK, BLOCK_K).transpose(1, 0, 2)
+    ws_kN = jnp.repeat(ws_nk.astype(jnp.float32).T, BLOCK_N, axis=1)[:, :N]
+
+    def body(acc_MN, xs):
+        x_Mb, w_Nb, xs_M, ws_N = xs
+        part_MN = jnp.dot(x_Mb, w_Nb.T, precision=jax.lax.Precision.HIGHEST)  # exact products of e4m3 values
+        return acc_MN + part_MN * xs_M[:, None] * ws_N[None, :], None
+
+    acc_MN, _ = jax.lax.scan(body, jnp.zeros((M, N), jnp.float32),
+                             (x_kMb, w_kNb, xs_Mk.astype(jnp.float32).T, ws_kN))
+    return acc_MN
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16):
     """Plain-jnp block-scaled FP8 GEMM: [M, K] e4m3 x [N, K] e4m3 -> [M, N] out_dtype, FP32 accumulation."""
     _check_shapes(x_q, x_s, w_q, w_s)
+    return _promoted_matmul_ref(x_q, x_s, w_q, w_s).astype(out_dtype)
+
+
+def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, block_n: int):
+    """Kernel body: FP32 accumulator over ``n_k`` K blocks, each dot promoted with its tile scales (§5.2)."""
+
+    def body(kb, acc):
+        k0 = pl.multiple_of(kb * BLOCK_K, BLOCK_K)
+        # Operands stay in their storage dtype (e4m3): Triton lowers this to an FP8 MMA with FP32 accumulation.
+        part = jax.lax.dot_general(load_x(k0), load_w(k0), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        return acc + part * load_xs(kb)[:, None] * load_ws(kb)
+
+    return jax.lax.fori_loop(0, n_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+
+
+def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int):
+    # x_ref [bm, Kp], xs_ref [nK, bm] (MN-major scales: a contiguous row per K block), w_ref [128, Kp],
+    # ws_ref [nK] (this N block's scales), o_ref [bm, 128].
+    block_m, block_n = o_ref.shape
+    acc = _promoted_k_loop(
+        lambda k0: x_ref[:, pl.ds(k0, BLOCK_K)],
+        lambda k0: w_ref[:, pl.ds(k0, BLOCK_K)],
+        lambda kb: xs_ref[kb, :],
+        lambda kb: ws_ref[kb],
+        n_k, block_m, block_n)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _triton_params():
+    """Triton launch parameters for the GEMM kernels (the official kernel autotunes 8 warps, 3-6 stages)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=8, num_stages=3)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret"))
+def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: bool):
     (M, K), N = x_q.shape, w_q.shape[0]
-    nK = x_s.shape[1]
-    pad_K = nK * BLOCK_K - K
-    # Zero padding of the partial last K block contributes exactly 0 to every partial product.
-    x_MkB = jnp.pad(x_q.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(M, nK, BLOCK_K)
-    w_NkB = jnp.pad(w_q.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(N, nK, BLOCK_K)
-    # One FP32 partial product per (row, col, K block): the values the kernel promotes every 128 elements.
-    # Memory is M*N*nK floats; this is a test reference, not a production path.
-    part_MNk = jnp.einsum("mkb,nkb->mnk", x_MkB, w_NkB, precision=jax.lax.Precision.HIGHEST)
-    w_s_Nk = jnp.repeat(w_s.astype(jnp.float32), BLOCK_N, axis=0)[:N]
-    acc_MN = jnp.sum(part_MNk * x_s.astype(jnp.float32)[:, None, :] * w_s_Nk[None, :, :], axis=-1)
-    return acc_MN.astype(out_dtype)
+    nK, nN = w_s.shape[1], w_s.shape[0]
+    bm = min(block_m, max(16, next_pow2(M)))
+    Mp, Kp, Np = round_up(M, bm), nK * BLOCK_K, nN * BLOCK_N
+    # Zero padding: padded K columns add 0 to every partial product; padded rows/columns are sliced off.
+    x_q = jnp.pad(x_q, ((0, Mp - M), (0, Kp - K)))
+    w_q = jnp.pad(w_q, ((0, Np - N), (0, Kp - K)))
+    xs_kM = jnp.pad(x_s.astype(jnp.float32), ((0, Mp - M), (0, 0))).T
+    out = pl.pallas_call(
+        functools.partial(_fp8_gemm_kernel, n_k=nK),
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        grid=(Mp // bm, nN),
+        in_specs=[
+            pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((nK, bm), lambda i, j: (0, i)),
+            pl.BlockSpec((BLOCK_N, Kp), lambda i, j: (j, 0)),
+            pl.BlockSpec((None, nK), lambda i, j: (j, 0)),
+        ],
+        out_specs=pl.BlockSpec((bm, BLOCK_N), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
+        name="fp8_gemm",
+    )(x_q, xs_kM, w_q, w_s.astype(jnp.float32))
+    return out[:M, :N]
+
+
+def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, impl=None, interpret=None,
+             block_m: int = DEFAULT_BLOCK_M):
+    """Block-scaled FP8 GEMM x_q @ w_q^T -> [M, N] out_dtype: Pallas kernel on GPU, ``fp8_gemm_ref`` elsewhere.
+
+    ``impl`` forces "pallas" or "ref"; ``interpret`` runs the kernel in Pallas interpret mode (default off GPU).
+    """
+    impl, interpret = resolve_impl(impl, interpret)
+    check_block("fp8_gemm: block_m", block_m, minimum=16)
+    _check_shapes(x_q, x_s, w_q, w_s)
+    _check_operand_dtypes("fp8_gemm", x_q, w_q)
+    if impl == "ref":
+        return fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=out_dtype)
+    return _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype=jnp.dtype(out_dtype), block_m=block_m,
+                            interpret=interpret)
