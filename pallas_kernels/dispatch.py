@@ -127,6 +127,13 @@ def _combine_kernel(row_ref, w_ref, y_ref, o_ref):
     jax.lax.fori_loop(0, o_ref.shape[0], token, 0)
 
 
+def _triton_params():
+    """Triton launch parameters for the row gathers (memory-bound copies; no MMA, no pipelining to tune)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=4, num_stages=1)
+
+
 def _d_blocks(D: int) -> tuple[int, int]:
     bd = min(MAX_BLOCK_D, next_pow2(D))
     return bd, round_up(D, bd)
@@ -148,6 +155,7 @@ def _dispatch_rows_pallas(x_TD, pair_P, num_slots: int, interpret: bool):
         in_specs=[pl.BlockSpec((br,), lambda i, j: (i,)), pl.BlockSpec((T, bd), lambda i, j: (0, j))],
         out_specs=pl.BlockSpec((br, bd), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
         name="moe_dispatch_gather",
     )(src_P, x_TD)
     return out[:P, :D]
@@ -173,6 +181,7 @@ def _combine_rows_pallas(y_PD, row_TK, weights_TK, interpret: bool):
         ],
         out_specs=pl.BlockSpec((bt, bd), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
         name="moe_combine",
     )(row_TK, w_TK, y_PD)
     return out[:T, :D]
