@@ -81,12 +81,14 @@ def contiguous_layout(experts_TK, num_experts: int, align: int = 128) -> Contigu
 # --------------------------------------------------------------------------------------------- references
 
 
+@functools.partial(jax.jit, static_argnames=("num_slots",))
 def dispatch_rows_ref(x_TD, pair_P, num_slots: int):
     """jnp gather: row p = x[pair_P[p] // K], zero where pair_P is -1."""
     src_P = jnp.maximum(pair_P, 0) // num_slots
     return jnp.where((pair_P >= 0)[:, None], x_TD[src_P], jnp.zeros((), x_TD.dtype))
 
 
+@jax.jit
 def combine_rows_ref(y_PD, row_TK, weights_TK):
     """jnp gather-and-weight: y[t] = sum_k w[t, k] * y_PD[row[t, k]] in FP32, rows of -1 contribute nothing."""
     y_TKD = y_PD[jnp.maximum(row_TK, 0)].astype(jnp.float32)

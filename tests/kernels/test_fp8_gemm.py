@@ -1,0 +1,98 @@
+"""Tests for pallas_kernels/fp8_gemm.py: the Pallas kernel (interpret mode) and the jnp reference against the FP32
+product of the unquantized inputs (DeepGEMM's calc_diff, reference §5.2) and against exact integer products."""
+
+import re
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
+from pallas_kernels import fp8_gemm, fp8_gemm_ref
+
+IMPLS = ["pallas", "ref"]
+
+
+def _quantized(M, K, N, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    return (x, w), (*act_quant(jnp.asarray(x)), *weight_quant(jnp.asarray(w)))
+
+
+@pytest.fixture(scope="module")
+def ragged():
+    """K not a multiple of 128, N and M ending in partial blocks."""
+    return _quantized(40, 300, 200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def outputs(ragged):
+    _, args = ragged
+    return {impl: np.asarray(fp8_gemm(*args, out_dtype=jnp.float32, impl=impl)) for impl in IMPLS}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_gemm_matches_float32_product(ragged, outputs, impl):
+    (x, w), _ = ragged
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    out = outputs[impl]
+    assert out.shape == (40, 200)
+    diff = calc_diff(out, ref)
+    assert diff < 1e-3, diff  # DeepGEMM's FP8xFP8 threshold
+
+
+def test_fp8_gemm_kernel_matches_reference(outputs):
+    ref = outputs["ref"]
+    np.testing.assert_allclose(outputs["pallas"], ref, rtol=1e-5, atol=1e-6 * np.max(np.abs(ref)))
+
+
+def test_fp8_gemm_bf16_output(ragged, outputs):
+    _, args = ragged
+    out = fp8_gemm(*args, impl="pallas", interpret=True)  # default out_dtype: bf16, cast once at the end
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out), outputs["pallas"].astype(jnp.bfloat16))
+
+
+def _exact_operands(M, K, N, seed):
+    """e4m3 small integers with power-of-two scales: every partial product and sum is exact in FP32."""
+    rng = np.random.default_rng(seed)
+    nK, nN = -(-K // 128), -(-N // 128)
+    x_q = rng.integers(-8, 9, (M, K)).astype(ml_dtypes.float8_e4m3fn)
+    w_q = rng.integers(-8, 9, (N, K)).astype(ml_dtypes.float8_e4m3fn)
+    x_s = (2.0 ** rng.integers(-3, 4, (M, nK))).astype(np.float32)
+    w_s = (2.0 ** rng.integers(-3, 4, (nN, nK))).astype(np.float32)
+    x = x_q.astype(np.float64) * np.repeat(x_s, 128, axis=1)[:, :K]
+    w = w_q.astype(np.float64) * np.repeat(np.repeat(w_s, 128, axis=0), 128, axis=1)[:N, :K]
+    return (x_q, x_s, w_q, w_s), x @ w.T
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_gemm_exact_on_representable_inputs(impl):
+    # Several M blocks (block_m 16), two N blocks with distinct weight scales, three K blocks (the last partial):
+    # a scale applied to the wrong row, column block or K block changes the result.
+    args, expected = _exact_operands(40, 300, 200, seed=1)
+    out = fp8_gemm(*map(jnp.asarray, args), out_dtype=jnp.float32, impl=impl, block_m=16)
+    np.testing.assert_array_equal(np.asarray(out), expected.astype(np.float32))
+
+
+def test_fp8_gemm_default_on_cpu_is_reference(ragged):
+    _, args = ragged
+    np.testing.assert_array_equal(np.asarray(fp8_gemm(*args)), np.asarray(fp8_gemm_ref(*args)))
+
+
+def test_fp8_gemm_rejects_bad_input(ragged):
+    _, (x_q, x_s, w_q, w_s) = ragged
+    cases = [
+        ((x_q, x_s[:, :1], w_q, w_s), {}, "x_s must be [M, ceil(K/128)] = (40, 3), got shape (40, 1)"),
+        ((x_q, x_s, w_q, w_s[:1]), {}, "w_s must be [ceil(N/128), ceil(K/128)] = (2, 3), got shape (1, 3)"),
+        ((x_q, x_s, w_q[:, :100], w_s), {}, "w_q must be [N, K=300]"),
+        ((x_q, x_s, w_q.astype(jnp.bfloat16), w_s), {}, "x_q and w_q must share one floating dtype"),
+        ((x_q, x_s, w_q, w_s), {"impl": "triton"}, "impl must be one of ('pallas', 'ref') or None"),
+        ((x_q, x_s, w_q, w_s), {"block_m": 48}, "block_m must be a power of two >= 16, got 48"),
+    ]
+    for args, kwargs, message in cases:
+        for impl in IMPLS:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                fp8_gemm(*args, **{"impl": impl, **kwargs})
