@@ -102,11 +102,16 @@ def combine_rows_ref(y_PD, row_TK, weights_TK):
 # --------------------------------------------------------------------------------------------- kernels
 
 
-def _gather_kernel(src_ref, x_ref, o_ref):
-    # src_ref [br] int32 source token of each output row (-1: padding); x_ref [T, bd]; o_ref [br, bd].
+def _gather_kernel(src_ref, *refs, scaled: bool):
+    # src_ref [br] int32 source row of each output row (-1: padding); scale_ref [br] f32 if scaled;
+    # x_ref [T, bd]; o_ref [br, bd].
+    scale_ref, x_ref, o_ref = refs if scaled else (None, *refs)
+
     def row(r, carry):
         s = src_ref[r]
         x_row = x_ref[jnp.maximum(s, 0), :]
+        if scaled:
+            x_row = (x_row.astype(jnp.float32) * scale_ref[r]).astype(o_ref.dtype)
         o_ref[r, :] = jnp.where(s >= 0, x_row, jnp.zeros_like(x_row))
         return carry
 
@@ -141,26 +146,36 @@ def _d_blocks(D: int) -> tuple[int, int]:
     return bd, round_up(D, bd)
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots", "interpret"))
-def _dispatch_rows_pallas(x_TD, pair_P, num_slots: int, interpret: bool):
-    (T, D), P = x_TD.shape, pair_P.shape[0]
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _gather_rows_pallas(x_TD, src_P, scale_P, interpret: bool):
+    """Row p of the output = x_TD[src_P[p]] (times scale_P[p] if given), zero where src_P is -1."""
+    (T, D), P = x_TD.shape, src_P.shape[0]
+    scaled = scale_P is not None
     br = min(ROW_BLOCK, next_pow2(P))
     bd, Dp = _d_blocks(D)
     Pp = round_up(P, br)
-    src_P = jnp.where(pair_P >= 0, pair_P // num_slots, -1)
-    src_P = jnp.pad(src_P, (0, Pp - P), constant_values=-1)
-    x_TD = jnp.pad(x_TD, ((0, 0), (0, Dp - D)))
+    operands = [jnp.pad(src_P, (0, Pp - P), constant_values=-1)]
+    in_specs = [pl.BlockSpec((br,), lambda i, j: (i,))]
+    if scaled:
+        operands.append(jnp.pad(scale_P.astype(jnp.float32), (0, Pp - P)))
+        in_specs.append(pl.BlockSpec((br,), lambda i, j: (i,)))
+    operands.append(jnp.pad(x_TD, ((0, 0), (0, Dp - D))))
+    in_specs.append(pl.BlockSpec((T, bd), lambda i, j: (0, j)))
     out = pl.pallas_call(
-        _gather_kernel,
+        functools.partial(_gather_kernel, scaled=scaled),
         out_shape=jax.ShapeDtypeStruct((Pp, Dp), x_TD.dtype),
         grid=(Pp // br, Dp // bd),
-        in_specs=[pl.BlockSpec((br,), lambda i, j: (i,)), pl.BlockSpec((T, bd), lambda i, j: (0, j))],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((br, bd), lambda i, j: (i, j)),
         interpret=interpret,
         compiler_params=None if interpret else _triton_params(),
-        name="moe_dispatch_gather",
-    )(src_P, x_TD)
+        name="moe_gather_rows",
+    )(*operands)
     return out[:P, :D]
+
+
+def _source_tokens(pair_P, num_slots: int):
+    return jnp.where(pair_P >= 0, pair_P // num_slots, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -189,6 +204,50 @@ def _combine_rows_pallas(y_PD, row_TK, weights_TK, interpret: bool):
     return out[:T, :D]
 
 
+# --------------------------------------------------------------------------------------------- VJPs
+# The kernels' gradients are the same two gathers: dispatch's transpose is an unweighted combine, combine's
+# transpose (in y) is a dispatch scaled per row by the pair's weight; the weight gradient <g[t], y[row]> is jnp.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dispatch_pallas(x_TD, layout: ContiguousLayout, num_slots: int, interpret: bool):
+    return _gather_rows_pallas(x_TD, _source_tokens(layout.pair_P, num_slots), None, interpret=interpret)
+
+
+def _dispatch_pallas_fwd(x_TD, layout, num_slots, interpret):
+    return _dispatch_pallas(x_TD, layout, num_slots, interpret), layout
+
+
+def _dispatch_pallas_bwd(num_slots, interpret, layout, g_PD):
+    ones_TK = jnp.ones(layout.row_TK.shape, jnp.float32)
+    return _combine_rows_pallas(g_PD, layout.row_TK, ones_TK, interpret=interpret), None
+
+
+_dispatch_pallas.defvjp(_dispatch_pallas_fwd, _dispatch_pallas_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine_pallas(y_PD, layout: ContiguousLayout, weights_TK, interpret: bool):
+    return _combine_rows_pallas(y_PD, layout.row_TK, weights_TK, interpret=interpret)
+
+
+def _combine_pallas_fwd(y_PD, layout, weights_TK, interpret):
+    return _combine_pallas(y_PD, layout, weights_TK, interpret), (y_PD, layout, weights_TK)
+
+
+def _combine_pallas_bwd(interpret, res, g_TD):
+    y_PD, layout, weights_TK = res
+    pair_P, row_TK = layout.pair_P, layout.row_TK
+    w_P = jnp.where(pair_P >= 0, weights_TK.reshape(-1)[jnp.maximum(pair_P, 0)].astype(jnp.float32), 0.0)
+    dy_PD = _gather_rows_pallas(g_TD, _source_tokens(pair_P, row_TK.shape[1]), w_P, interpret=interpret)
+    y_TKD = y_PD[jnp.maximum(row_TK, 0)].astype(jnp.float32)
+    dw_TK = jnp.where(row_TK >= 0, jnp.einsum("tkd,td->tk", y_TKD, g_TD.astype(jnp.float32)), 0.0)
+    return dy_PD.astype(y_PD.dtype), None, dw_TK.astype(weights_TK.dtype)
+
+
+_combine_pallas.defvjp(_combine_pallas_fwd, _combine_pallas_bwd)
+
+
 # --------------------------------------------------------------------------------------------- entry points
 
 
@@ -204,7 +263,7 @@ def dispatch(x_TD, experts_TK, num_experts: int, align: int = 128, *, impl=None,
     K = experts_TK.shape[1]
     if impl == "ref":
         return dispatch_rows_ref(x_TD, layout.pair_P, K), layout
-    return _dispatch_rows_pallas(x_TD, layout.pair_P, num_slots=K, interpret=interpret), layout
+    return _dispatch_pallas(x_TD, layout, K, interpret), layout
 
 
 def combine(y_PD, layout: ContiguousLayout, weights_TK, *, impl=None, interpret=None):
@@ -216,4 +275,4 @@ def combine(y_PD, layout: ContiguousLayout, weights_TK, *, impl=None, interpret=
         raise ValueError(f"combine: weights_TK must be {tuple(layout.row_TK.shape)}, got shape {weights_TK.shape}")
     if impl == "ref":
         return combine_rows_ref(y_PD, layout.row_TK, weights_TK)
-    return _combine_rows_pallas(y_PD, layout.row_TK, weights_TK, interpret=interpret)
+    return _combine_pallas(y_PD, layout, weights_TK, interpret)

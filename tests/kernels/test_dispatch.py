@@ -3,6 +3,7 @@ gathers in interpret mode and the jnp references, against a NumPy restatement of
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -117,6 +118,24 @@ def test_out_of_range_expert_ids_get_no_row(impl):
     assert np.sum(np.asarray(layout.m_indices_P) >= 0) == kept.sum()
     y = combine(x_PD, layout, jnp.asarray(weights), impl=impl)
     np.testing.assert_allclose(np.asarray(y), _combine_np(x, weights * kept), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_of_dispatch_and_combine(routed, impl):
+    # loss = sum_t c_t . combine(dispatch(x)^2)_t = sum_t sum_k w_tk <c_t, x_t^2>
+    # d/dx_t = 2 x_t c_t sum_k w_tk;  d/dw_tk = <c_t, x_t^2>   (the Pallas path has custom VJPs: two gathers)
+    x, experts, weights, _ = routed
+    c = np.random.default_rng(4).standard_normal((T, D)).astype(np.float32)
+
+    def loss(x_TD, w_TK):
+        x_PD, layout = dispatch(x_TD, jnp.asarray(experts), E, align=ALIGN, impl=impl)
+        return jnp.sum(jnp.asarray(c) * combine(x_PD * x_PD, layout, w_TK, impl=impl))
+
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(weights))
+    np.testing.assert_allclose(np.asarray(dx), 2 * x * c * weights.sum(axis=1, keepdims=True), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.repeat(np.sum(c * x * x, axis=1, keepdims=True), K, axis=1),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_and_reference_dispatch_identical(routed):
