@@ -1,6 +1,8 @@
 """Block-scaled FP8 GEMM, C = A @ B^T (DeepSeek-V3 paper §3.3.2; reference §5.1 fp8_gemm, §5.2 DeepGEMM).
 
-A is quantized per 1x128 tile (x_s [M, nK]) and B per 128x128 block (w_s [nN, nK]). Each 128-wide K slice is
+A is quantized per 1x128 tile (x_s [M, nK]) and B per 128x128 block (w_s [nN, nK]; or, with
+``w_granularity="row"``, per 1x128 tile like A, w_s [N, nK]: the weight-gradient GEMM, whose operands are both
+activations quantized per 128x1 tile and transposed, §5.3). Each 128-wide K slice is
 multiplied with FP32 accumulation and promoted into the FP32 accumulator with its scales applied there:
 ``acc += (a_blk @ b_blk^T) * a_s[:, kb][:, None] * b_s[n // 128, kb][None, :]``; the output is cast once at the end.
 
@@ -24,9 +26,12 @@ from pallas_kernels._select import check_block, next_pow2, resolve_impl, round_u
 BLOCK_K = 128  # the scale granularity along K; DeepGEMM asserts BLOCK_K == 128
 BLOCK_N = 128  # one weight-scale block per output tile, so the B scale is a scalar per (tile, K block)
 DEFAULT_BLOCK_M = 64
+W_GRANULARITIES = ("block", "row")
 
 
-def _check_shapes(x_q, x_s, w_q, w_s) -> None:
+def _check_shapes(x_q, x_s, w_q, w_s, w_granularity: str = "block") -> None:
+    if w_granularity not in W_GRANULARITIES:
+        raise ValueError(f"fp8_gemm: w_granularity must be one of {W_GRANULARITIES}, got {w_granularity!r}")
     if x_q.ndim != 2:
         raise ValueError(f"fp8_gemm: x_q must be [M, K], got shape {x_q.shape}")
     if w_q.ndim != 2:
@@ -37,7 +42,10 @@ def _check_shapes(x_q, x_s, w_q, w_s) -> None:
     nK, nN = -(-K // BLOCK_K), -(-N // BLOCK_N)
     if tuple(x_s.shape) != (M, nK):
         raise ValueError(f"fp8_gemm: x_s must be [M, ceil(K/128)] = {(M, nK)}, got shape {x_s.shape}")
-    if tuple(w_s.shape) != (nN, nK):
+    if w_granularity == "row":
+        if tuple(w_s.shape) != (N, nK):
+            raise ValueError(f"fp8_gemm: row-wise w_s must be [N, ceil(K/128)] = {(N, nK)}, got shape {w_s.shape}")
+    elif tuple(w_s.shape) != (nN, nK):
         raise ValueError(
             f"fp8_gemm: w_s must be [ceil(N/128), ceil(K/128)] = {(nN, nK)}, got shape {w_s.shape}"
         )
@@ -52,15 +60,17 @@ def _check_operand_dtypes(name: str, x_q, w_q) -> None:
         )
 
 
-def _promoted_matmul_ref(x_MK, xs_Mk, w_NK, ws_nk):
-    """jnp FP32 [M, N] = sum over 128-wide K blocks of (x_blk @ w_blk^T) * xs[:, k] * ws[n // 128, k]."""
+def _promoted_matmul_ref(x_MK, xs_Mk, w_NK, ws_nk, w_rows: bool = False):
+    """jnp FP32 [M, N] = sum over 128-wide K blocks of (x_blk @ w_blk^T) * xs[:, k] * ws[n // 128, k] (or ws[n, k])."""
     (M, K), N = x_MK.shape, w_NK.shape[0]
     nK = xs_Mk.shape[1]
     pad_K = nK * BLOCK_K - K
     # Zero padding of the partial last K block contributes exactly 0 to every partial product.
     x_kMb = jnp.pad(x_MK.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(M, nK, BLOCK_K).transpose(1, 0, 2)
     w_kNb = jnp.pad(w_NK.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(N, nK, BLOCK_K).transpose(1, 0, 2)
-    ws_kN = jnp.repeat(ws_nk.astype(jnp.float32).T, BLOCK_N, axis=1)[:, :N]
+    ws_kN = ws_nk.astype(jnp.float32).T
+    if not w_rows:
+        ws_kN = jnp.repeat(ws_kN, BLOCK_N, axis=1)[:, :N]
 
     def body(acc_MN, xs):
         x_Mb, w_Nb, xs_M, ws_N = xs
@@ -72,11 +82,11 @@ def _promoted_matmul_ref(x_MK, xs_Mk, w_NK, ws_nk):
     return acc_MN
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype",))
-def fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "w_granularity"))
+def fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: str = "block"):
     """Plain-jnp block-scaled FP8 GEMM: [M, K] e4m3 x [N, K] e4m3 -> [M, N] out_dtype, FP32 accumulation."""
-    _check_shapes(x_q, x_s, w_q, w_s)
-    return _promoted_matmul_ref(x_q, x_s, w_q, w_s).astype(out_dtype)
+    _check_shapes(x_q, x_s, w_q, w_s, w_granularity)
+    return _promoted_matmul_ref(x_q, x_s, w_q, w_s, w_rows=w_granularity == "row").astype(out_dtype)
 
 
 def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, block_n: int):
@@ -94,13 +104,13 @@ def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, b
 
 def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int):
     # x_ref [bm, Kp], xs_ref [nK, bm] (MN-major scales: a contiguous row per K block), w_ref [128, Kp],
-    # ws_ref [nK] (this N block's scales), o_ref [bm, 128].
+    # ws_ref [nK] (this N block's scales) or, row-wise, [nK, 128] (one per output column); o_ref [bm, 128].
     block_m, block_n = o_ref.shape
     acc = _promoted_k_loop(
         lambda k0: x_ref[:, pl.ds(k0, BLOCK_K)],
         lambda k0: w_ref[:, pl.ds(k0, BLOCK_K)],
         lambda kb: xs_ref[kb, :],
-        lambda kb: ws_ref[kb],
+        (lambda kb: ws_ref[kb, :][None, :]) if len(ws_ref.shape) == 2 else (lambda kb: ws_ref[kb]),
         n_k, block_m, block_n)
     o_ref[...] = acc.astype(o_ref.dtype)
 
@@ -112,16 +122,21 @@ def _triton_params():
     return plgpu.CompilerParams(num_warps=8, num_stages=3)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret"))
-def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret", "w_granularity"))
+def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: bool, w_granularity: str):
     (M, K), N = x_q.shape, w_q.shape[0]
-    nK, nN = w_s.shape[1], w_s.shape[0]
+    nK, nN = x_s.shape[1], -(-N // BLOCK_N)
     bm = min(block_m, max(16, next_pow2(M)))
     Mp, Kp, Np = round_up(M, bm), nK * BLOCK_K, nN * BLOCK_N
     # Zero padding: padded K columns add 0 to every partial product; padded rows/columns are sliced off.
     x_q = jnp.pad(x_q, ((0, Mp - M), (0, Kp - K)))
     w_q = jnp.pad(w_q, ((0, Np - N), (0, Kp - K)))
     xs_kM = jnp.pad(x_s.astype(jnp.float32), ((0, Mp - M), (0, 0))).T
+    if w_granularity == "row":  # MN-major like x_s: a contiguous row of 128 column scales per K block
+        ws = jnp.pad(w_s.astype(jnp.float32), ((0, Np - N), (0, 0))).T
+        ws_spec = pl.BlockSpec((nK, BLOCK_N), lambda i, j: (0, j))
+    else:
+        ws, ws_spec = w_s.astype(jnp.float32), pl.BlockSpec((None, nK), lambda i, j: (j, 0))
     out = pl.pallas_call(
         functools.partial(_fp8_gemm_kernel, n_k=nK),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
@@ -130,27 +145,28 @@ def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: boo
             pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),
             pl.BlockSpec((nK, bm), lambda i, j: (0, i)),
             pl.BlockSpec((BLOCK_N, Kp), lambda i, j: (j, 0)),
-            pl.BlockSpec((None, nK), lambda i, j: (j, 0)),
+            ws_spec,
         ],
         out_specs=pl.BlockSpec((bm, BLOCK_N), lambda i, j: (i, j)),
         interpret=interpret,
         compiler_params=None if interpret else _triton_params(),
         name="fp8_gemm",
-    )(x_q, xs_kM, w_q, w_s.astype(jnp.float32))
+    )(x_q, xs_kM, w_q, ws)
     return out[:M, :N]
 
 
-def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, impl=None, interpret=None,
-             block_m: int = DEFAULT_BLOCK_M):
+def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: str = "block", impl=None,
+             interpret=None, block_m: int = DEFAULT_BLOCK_M):
     """Block-scaled FP8 GEMM x_q @ w_q^T -> [M, N] out_dtype: Pallas kernel on GPU, ``fp8_gemm_ref`` elsewhere.
 
-    ``impl`` forces "pallas" or "ref"; ``interpret`` runs the kernel in Pallas interpret mode (default off GPU).
+    ``w_granularity`` "block" (w_s [nN, nK]) or "row" (w_s [N, nK]); ``impl`` forces "pallas" or "ref";
+    ``interpret`` runs the kernel in Pallas interpret mode (default off GPU).
     """
     impl, interpret = resolve_impl(impl, interpret)
     check_block("fp8_gemm: block_m", block_m, minimum=16)
-    _check_shapes(x_q, x_s, w_q, w_s)
+    _check_shapes(x_q, x_s, w_q, w_s, w_granularity)
     _check_operand_dtypes("fp8_gemm", x_q, w_q)
     if impl == "ref":
-        return fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=out_dtype)
+        return fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=out_dtype, w_granularity=w_granularity)
     return _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype=jnp.dtype(out_dtype), block_m=block_m,
-                            interpret=interpret)
+                            interpret=interpret, w_granularity=w_granularity)

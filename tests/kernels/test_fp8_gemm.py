@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
+from dsv3_jax.fp8 import act_quant, act_quant_colwise, calc_diff, weight_quant
 from pallas_kernels import fp8_gemm, fp8_gemm_ref
 
 IMPLS = ["pallas", "ref"]
@@ -91,8 +91,37 @@ def test_fp8_gemm_rejects_bad_input(ragged):
         ((x_q, x_s, w_q.astype(jnp.bfloat16), w_s), {}, "x_q and w_q must share one floating dtype"),
         ((x_q, x_s, w_q, w_s), {"impl": "triton"}, "impl must be one of ('pallas', 'ref') or None"),
         ((x_q, x_s, w_q, w_s), {"block_m": 48}, "block_m must be a power of two >= 16, got 48"),
+        ((x_q, x_s, w_q, w_s), {"w_granularity": "row"}, "row-wise w_s must be [N, ceil(K/128)] = (200, 3)"),
+        ((x_q, x_s, w_q, w_s), {"w_granularity": "tile"}, "w_granularity must be one of ('block', 'row')"),
     ]
     for args, kwargs, message in cases:
         for impl in IMPLS:
             with pytest.raises(ValueError, match=re.escape(message)):
                 fp8_gemm(*args, **{"impl": impl, **kwargs})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_gemm_row_scales_exact(impl):
+    # w_granularity="row": one scale per weight row and K block; distinct per row, so a block-wise use shows.
+    rng = np.random.default_rng(3)
+    (x_q, x_s, w_q, _), _ = _exact_operands(40, 300, 200, seed=3)
+    w_s = (2.0 ** rng.integers(-3, 4, (200, 3))).astype(np.float32)
+    x = x_q.astype(np.float64) * np.repeat(x_s, 128, axis=1)[:, :300]
+    w = w_q.astype(np.float64) * np.repeat(w_s, 128, axis=1)[:, :300]
+    out = fp8_gemm(*map(jnp.asarray, (x_q, x_s, w_q, w_s)), out_dtype=jnp.float32, w_granularity="row",
+                   impl=impl, block_m=16)
+    np.testing.assert_array_equal(np.asarray(out), (x @ w.T).astype(np.float32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_gemm_weight_gradient_layout(impl):
+    # dW = dy^T x with both operands quantized per 128x1 tile (contraction over tokens), reference §5.3.
+    rng = np.random.default_rng(4)
+    dy = rng.standard_normal((300, 40)).astype(np.float32)  # [M tokens, N out features]
+    x = rng.standard_normal((300, 200)).astype(np.float32)  # [M tokens, K in features]
+    dy_q, dy_s = act_quant_colwise(jnp.asarray(dy))
+    x_q, x_s = act_quant_colwise(jnp.asarray(x))
+    dw = fp8_gemm(dy_q.T, dy_s.T, x_q.T, x_s.T, jnp.float32, w_granularity="row", impl=impl)
+    assert dw.shape == (40, 200)
+    diff = calc_diff(dw, dy.astype(np.float64).T @ x.astype(np.float64))
+    assert diff < 1e-3, diff
