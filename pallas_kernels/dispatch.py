@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._select import next_pow2, resolve_impl, round_up
+from pallas_kernels.fp8_gemm import _from_bits, _to_bits
 
 ROW_BLOCK = 32  # buffer rows (dispatch) or tokens (combine) per program
 MAX_BLOCK_D = 512  # columns per program; the D axis is a second grid axis
@@ -102,33 +103,36 @@ def combine_rows_ref(y_PD, row_TK, weights_TK):
 # --------------------------------------------------------------------------------------------- kernels
 
 
-def _gather_kernel(src_ref, *refs, scaled: bool):
+def _gather_kernel(src_ref, *refs, scaled: bool, dtype):
     # src_ref [br] int32 source row of each output row (-1: padding); scale_ref [br] f32 if scaled;
-    # x_ref [T, bd]; o_ref [br, bd].
+    # x_ref [T, bd]; o_ref [br, bd]; x and o hold the bits of ``dtype`` (``_to_bits``): an unscaled row is copied
+    # as is.
     scale_ref, x_ref, o_ref = refs if scaled else (None, *refs)
 
     def row(r, carry):
         s = src_ref[r]
         x_row = x_ref[jnp.maximum(s, 0), :]
         if scaled:
-            x_row = (x_row.astype(jnp.float32) * scale_ref[r]).astype(o_ref.dtype)
+            x_row = _from_bits(x_row, dtype).astype(jnp.float32) * scale_ref[r]
+            x_row = _to_bits(x_row.astype(dtype))
         o_ref[r, :] = jnp.where(s >= 0, x_row, jnp.zeros_like(x_row))
         return carry
 
     jax.lax.fori_loop(0, o_ref.shape[0], row, 0)
 
 
-def _combine_kernel(row_ref, w_ref, y_ref, o_ref):
-    # row_ref/w_ref [bt, K]: buffer rows and weights of each token's slots; y_ref [P, bd]; o_ref [bt, bd].
+def _combine_kernel(row_ref, w_ref, y_ref, o_ref, *, dtype):
+    # row_ref/w_ref [bt, K]: buffer rows and weights of each token's slots; y_ref [P, bd] and o_ref [bt, bd]
+    # hold the bits of ``dtype``.
     num_slots = row_ref.shape[1]
 
     def token(t, carry):
         acc = jnp.zeros((o_ref.shape[1],), jnp.float32)
         for k in range(num_slots):
             r = row_ref[t, k]
-            y_row = y_ref[jnp.maximum(r, 0), :].astype(jnp.float32)
+            y_row = _from_bits(y_ref[jnp.maximum(r, 0), :], dtype).astype(jnp.float32)
             acc = acc + jnp.where(r >= 0, w_ref[t, k], 0.0) * y_row
-        o_ref[t, :] = acc.astype(o_ref.dtype)
+        o_ref[t, :] = _to_bits(acc.astype(dtype))
         return carry
 
     jax.lax.fori_loop(0, o_ref.shape[0], token, 0)
@@ -159,11 +163,12 @@ def _gather_rows_pallas(x_TD, src_P, scale_P, interpret: bool):
     if scaled:
         operands.append(jnp.pad(scale_P.astype(jnp.float32), (0, Pp - P)))
         in_specs.append(pl.BlockSpec((br,), lambda i, j: (i,)))
-    operands.append(jnp.pad(x_TD, ((0, 0), (0, Dp - D))))
+    x_bits = jnp.pad(_to_bits(x_TD), ((0, 0), (0, Dp - D)))
+    operands.append(x_bits)
     in_specs.append(pl.BlockSpec((T, bd), lambda i, j: (0, j)))
     out = pl.pallas_call(
-        functools.partial(_gather_kernel, scaled=scaled),
-        out_shape=jax.ShapeDtypeStruct((Pp, Dp), x_TD.dtype),
+        functools.partial(_gather_kernel, scaled=scaled, dtype=x_TD.dtype),
+        out_shape=jax.ShapeDtypeStruct((Pp, Dp), x_bits.dtype),
         grid=(Pp // br, Dp // bd),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((br, bd), lambda i, j: (i, j)),
@@ -171,7 +176,7 @@ def _gather_rows_pallas(x_TD, src_P, scale_P, interpret: bool):
         compiler_params=None if interpret else _triton_params(),
         name="moe_gather_rows",
     )(*operands)
-    return out[:P, :D]
+    return _from_bits(out[:P, :D], x_TD.dtype)
 
 
 def _source_tokens(pair_P, num_slots: int):
@@ -186,10 +191,10 @@ def _combine_rows_pallas(y_PD, row_TK, weights_TK, interpret: bool):
     Tp = round_up(T, bt)
     row_TK = jnp.pad(row_TK, ((0, Tp - T), (0, 0)), constant_values=-1)
     w_TK = jnp.pad(weights_TK.astype(jnp.float32), ((0, Tp - T), (0, 0)))
-    y_PD = jnp.pad(y_PD, ((0, 0), (0, Dp - D)))
+    y_bits = jnp.pad(_to_bits(y_PD), ((0, 0), (0, Dp - D)))
     out = pl.pallas_call(
-        _combine_kernel,
-        out_shape=jax.ShapeDtypeStruct((Tp, Dp), y_PD.dtype),
+        functools.partial(_combine_kernel, dtype=y_PD.dtype),
+        out_shape=jax.ShapeDtypeStruct((Tp, Dp), y_bits.dtype),
         grid=(Tp // bt, Dp // bd),
         in_specs=[
             pl.BlockSpec((bt, K), lambda i, j: (i, 0)),
@@ -200,8 +205,8 @@ def _combine_rows_pallas(y_PD, row_TK, weights_TK, interpret: bool):
         interpret=interpret,
         compiler_params=None if interpret else _triton_params(),
         name="moe_combine",
-    )(row_TK, w_TK, y_PD)
-    return out[:T, :D]
+    )(row_TK, w_TK, y_bits)
+    return _from_bits(out[:T, :D], y_PD.dtype)
 
 
 # --------------------------------------------------------------------------------------------- VJPs

@@ -89,6 +89,21 @@ def fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: s
     return _promoted_matmul_ref(x_q, x_s, w_q, w_s, w_rows=w_granularity == "row").astype(out_dtype)
 
 
+def _to_bits(a):
+    """Narrow floats cross the pallas_call boundary as unsigned ints of the same width (zero bits = +0.0).
+
+    Bit-identical, and free in the kernel (a register bitcast after the load); it keeps XLA CPU from converting the
+    whole e4m3/bf16 operands at every grid step of interpret mode (6x faster there).
+    """
+    if a.dtype.itemsize < 4:
+        return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
+    return a
+
+
+def _from_bits(v, dtype):
+    return v if v.dtype == dtype else jax.lax.bitcast_convert_type(v, dtype)
+
+
 def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, block_n: int):
     """Kernel body: FP32 accumulator over ``n_k`` K blocks, each dot promoted with its tile scales (§5.2)."""
 
@@ -102,13 +117,13 @@ def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, b
     return jax.lax.fori_loop(0, n_k, body, jnp.zeros((block_m, block_n), jnp.float32))
 
 
-def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int):
+def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, operand_dtype):
     # x_ref [bm, Kp], xs_ref [nK, bm] (MN-major scales: a contiguous row per K block), w_ref [128, Kp],
     # ws_ref [nK] (this N block's scales) or, row-wise, [nK, 128] (one per output column); o_ref [bm, 128].
     block_m, block_n = o_ref.shape
     acc = _promoted_k_loop(
-        lambda k0: x_ref[:, pl.ds(k0, BLOCK_K)],
-        lambda k0: w_ref[:, pl.ds(k0, BLOCK_K)],
+        lambda k0: _from_bits(x_ref[:, pl.ds(k0, BLOCK_K)], operand_dtype),
+        lambda k0: _from_bits(w_ref[:, pl.ds(k0, BLOCK_K)], operand_dtype),
         lambda kb: xs_ref[kb, :],
         (lambda kb: ws_ref[kb, :][None, :]) if len(ws_ref.shape) == 2 else (lambda kb: ws_ref[kb]),
         n_k, block_m, block_n)
@@ -129,8 +144,9 @@ def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: boo
     bm = min(block_m, max(16, next_pow2(M)))
     Mp, Kp, Np = round_up(M, bm), nK * BLOCK_K, nN * BLOCK_N
     # Zero padding: padded K columns add 0 to every partial product; padded rows/columns are sliced off.
-    x_q = jnp.pad(x_q, ((0, Mp - M), (0, Kp - K)))
-    w_q = jnp.pad(w_q, ((0, Np - N), (0, Kp - K)))
+    operand_dtype = x_q.dtype
+    x_q = jnp.pad(_to_bits(x_q), ((0, Mp - M), (0, Kp - K)))
+    w_q = jnp.pad(_to_bits(w_q), ((0, Np - N), (0, Kp - K)))
     xs_kM = jnp.pad(x_s.astype(jnp.float32), ((0, Mp - M), (0, 0))).T
     if w_granularity == "row":  # MN-major like x_s: a contiguous row of 128 column scales per K block
         ws = jnp.pad(w_s.astype(jnp.float32), ((0, Np - N), (0, 0))).T
@@ -138,7 +154,7 @@ def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: boo
     else:
         ws, ws_spec = w_s.astype(jnp.float32), pl.BlockSpec((None, nK), lambda i, j: (j, 0))
     out = pl.pallas_call(
-        functools.partial(_fp8_gemm_kernel, n_k=nK),
+        functools.partial(_fp8_gemm_kernel, n_k=nK, operand_dtype=operand_dtype),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         grid=(Mp // bm, nN),
         in_specs=[

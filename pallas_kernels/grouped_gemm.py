@@ -22,8 +22,10 @@ from pallas_kernels.fp8_gemm import (
     BLOCK_K,
     BLOCK_N,
     _check_operand_dtypes,
+    _from_bits,
     _promoted_k_loop,
     _promoted_matmul_ref,
+    _to_bits,
     _triton_params,
 )
 
@@ -84,7 +86,7 @@ def fp8_grouped_gemm_ref(x_q, x_s, w_q, w_s, m_indices_P, out_dtype=jnp.bfloat16
     return y_bRN.reshape(P, N).astype(out_dtype)
 
 
-def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_groups: int):
+def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_groups: int, operand_dtype):
     # mi_ref [bm] int32; x_ref [bm, Kp]; xs_ref [nK, bm]; w_ref [G, Np, Kp] and ws_ref [G, nN, nK] whole (the
     # group is data-dependent, so the weight tile is addressed inside the kernel); o_ref [bm, 128].
     block_m, block_n = o_ref.shape
@@ -97,8 +99,8 @@ def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_
     @pl.when(live)
     def _():
         acc = _promoted_k_loop(
-            lambda k0: x_ref[:, pl.ds(k0, BLOCK_K)],
-            lambda k0: w_ref[g, pl.ds(n0, BLOCK_N), pl.ds(k0, BLOCK_K)],
+            lambda k0: _from_bits(x_ref[:, pl.ds(k0, BLOCK_K)], operand_dtype),
+            lambda k0: _from_bits(w_ref[g, pl.ds(n0, BLOCK_N), pl.ds(k0, BLOCK_K)], operand_dtype),
             lambda kb: xs_ref[kb, :],
             lambda kb: ws_ref[g, j, kb],
             n_k, block_m, block_n)
@@ -114,10 +116,11 @@ def _grouped_pallas(x_q, x_s, w_q, w_s, m_indices_P, out_dtype, block_m: int, in
     (P, K), (G, N, _) = x_q.shape, w_q.shape
     nN, nK = w_s.shape[1:]
     Kp, Np = nK * BLOCK_K, nN * BLOCK_N
-    x_q = jnp.pad(x_q, ((0, 0), (0, Kp - K)))
-    w_q = jnp.pad(w_q, ((0, 0), (0, Np - N), (0, Kp - K)))
+    operand_dtype = x_q.dtype
+    x_q = jnp.pad(_to_bits(x_q), ((0, 0), (0, Kp - K)))
+    w_q = jnp.pad(_to_bits(w_q), ((0, 0), (0, Np - N), (0, Kp - K)))
     out = pl.pallas_call(
-        functools.partial(_grouped_kernel, n_k=nK, n_groups=G),
+        functools.partial(_grouped_kernel, n_k=nK, n_groups=G, operand_dtype=operand_dtype),
         out_shape=jax.ShapeDtypeStruct((P, Np), out_dtype),
         grid=(P // block_m, nN),
         in_specs=[
