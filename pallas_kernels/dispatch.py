@@ -83,14 +83,14 @@ def contiguous_layout(experts_TK, num_experts: int, align: int = 128) -> Contigu
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots",))
-def dispatch_rows_ref(x_TD, pair_P, num_slots: int):
+def _dispatch_rows_ref(x_TD, pair_P, num_slots: int):
     """jnp gather: row p = x[pair_P[p] // K], zero where pair_P is -1."""
     src_P = jnp.maximum(pair_P, 0) // num_slots
     return jnp.where((pair_P >= 0)[:, None], x_TD[src_P], jnp.zeros((), x_TD.dtype))
 
 
 @jax.jit
-def combine_rows_ref(y_PD, row_TK, weights_TK):
+def _combine_rows_ref(y_PD, row_TK, weights_TK):
     """jnp gather-and-weight: y[t] = sum_k w[t, k] * y_PD[row[t, k]] in FP32, rows of -1 contribute nothing."""
     y_TKD = y_PD[jnp.maximum(row_TK, 0)].astype(jnp.float32)
     w_TK = jnp.where(row_TK >= 0, weights_TK.astype(jnp.float32), 0.0)
@@ -267,7 +267,7 @@ def dispatch(x_TD, experts_TK, num_experts: int, align: int = 128, *, impl=None,
     layout = contiguous_layout(experts_TK, num_experts=num_experts, align=align)
     K = experts_TK.shape[1]
     if impl == "ref":
-        return dispatch_rows_ref(x_TD, layout.pair_P, K), layout
+        return _dispatch_rows_ref(x_TD, layout.pair_P, K), layout
     return _dispatch_pallas(x_TD, layout, K, interpret), layout
 
 
@@ -279,5 +279,15 @@ def combine(y_PD, layout: ContiguousLayout, weights_TK, *, impl=None, interpret=
     if tuple(weights_TK.shape) != tuple(layout.row_TK.shape):
         raise ValueError(f"combine: weights_TK must be {tuple(layout.row_TK.shape)}, got shape {weights_TK.shape}")
     if impl == "ref":
-        return combine_rows_ref(y_PD, layout.row_TK, weights_TK)
+        return _combine_rows_ref(y_PD, layout.row_TK, weights_TK)
     return _combine_pallas(y_PD, layout, weights_TK, interpret)
+
+
+def dispatch_ref(x_TD, experts_TK, num_experts: int, align: int = 128):
+    """Plain-jnp ``dispatch`` (same layout, rows gathered by jnp indexing)."""
+    return dispatch(x_TD, experts_TK, num_experts, align, impl="ref")
+
+
+def combine_ref(y_PD, layout: ContiguousLayout, weights_TK):
+    """Plain-jnp ``combine`` (FP32 accumulation in slot order, like the kernel)."""
+    return combine(y_PD, layout, weights_TK, impl="ref")
