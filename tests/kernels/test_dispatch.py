@@ -11,6 +11,7 @@ import pytest
 from pallas_kernels import buffer_rows, combine, dispatch
 
 IMPLS = ["pallas", "ref"]
+MODE = {"pallas": {"impl": "pallas", "interpret": True}, "ref": {"impl": "ref"}}  # kernel: interpret mode
 T, K, E, D, ALIGN = 37, 3, 5, 96, 16
 
 
@@ -40,7 +41,7 @@ def routed():
     experts = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32)
     weights = rng.random((T, K)).astype(np.float32)
     weights /= weights.sum(axis=1, keepdims=True)
-    out = {impl: dispatch(jnp.asarray(x), jnp.asarray(experts), E, align=ALIGN, impl=impl) for impl in IMPLS}
+    out = {impl: dispatch(jnp.asarray(x), jnp.asarray(experts), E, align=ALIGN, **MODE[impl]) for impl in IMPLS}
     return x, experts, weights, out
 
 
@@ -71,7 +72,7 @@ def test_dispatch_places_every_pair(routed, impl):
 def test_combine_is_weighted_inverse(routed, impl):
     x, _, weights, out = routed
     x_PD, layout = out[impl]
-    y = np.asarray(combine(x_PD, layout, jnp.asarray(weights), impl=impl))
+    y = np.asarray(combine(x_PD, layout, jnp.asarray(weights), **MODE[impl]))
     np.testing.assert_allclose(y, _combine_np(x, weights), rtol=1e-6, atol=1e-6)
 
 
@@ -80,8 +81,8 @@ def test_single_slot_round_trip_is_exact(impl):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
     experts = jnp.asarray(rng.integers(0, E, (T, 1)), jnp.int32)
-    x_PD, layout = dispatch(x, experts, E, align=ALIGN, impl=impl)
-    y = combine(x_PD, layout, jnp.ones((T, 1), jnp.float32), impl=impl)
+    x_PD, layout = dispatch(x, experts, E, align=ALIGN, **MODE[impl])
+    y = combine(x_PD, layout, jnp.ones((T, 1), jnp.float32), **MODE[impl])
     assert y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
 
@@ -92,13 +93,13 @@ def test_all_tokens_to_one_expert_drops_nothing(impl):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((T, D)).astype(np.float32)
     experts = np.full((T, K), E - 1, np.int32)
-    x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), E, impl=impl)
+    x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), E, **MODE[impl])
     assert x_PD.shape[0] == buffer_rows(T * K, E, 128) == 768
     np.testing.assert_array_equal(np.asarray(layout.group_sizes_E), [0] * (E - 1) + [T * K])
     m = np.asarray(layout.m_indices_P)
     np.testing.assert_array_equal(m[: T * K], E - 1)
     assert np.all(m[T * K:] == -1)
-    y = combine(x_PD, layout, jnp.ones((T, K), jnp.float32), impl=impl)
+    y = combine(x_PD, layout, jnp.ones((T, K), jnp.float32), **MODE[impl])
     np.testing.assert_allclose(np.asarray(y), _combine_np(x, np.ones((T, K), np.float32)), rtol=1e-6)
 
 
@@ -110,13 +111,13 @@ def test_out_of_range_expert_ids_get_no_row(impl):
     experts[::4, 1] = -1  # e.g. a slot masked out by a capacity or group limit
     experts[1::5, 0] = E
     weights = rng.random((T, K)).astype(np.float32)
-    x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), E, align=ALIGN, impl=impl)
+    x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), E, align=ALIGN, **MODE[impl])
     kept = (experts >= 0) & (experts < E)
     rows = np.asarray(layout.row_TK)
     assert np.all(rows[~kept] == -1)
     np.testing.assert_array_equal(rows, np.where(kept, _layout_np(experts, E, ALIGN), -1))
     assert np.sum(np.asarray(layout.m_indices_P) >= 0) == kept.sum()
-    y = combine(x_PD, layout, jnp.asarray(weights), impl=impl)
+    y = combine(x_PD, layout, jnp.asarray(weights), **MODE[impl])
     np.testing.assert_allclose(np.asarray(y), _combine_np(x, weights * kept), rtol=1e-6, atol=1e-6)
 
 
@@ -128,8 +129,8 @@ def test_gradients_of_dispatch_and_combine(routed, impl):
     c = np.random.default_rng(4).standard_normal((T, D)).astype(np.float32)
 
     def loss(x_TD, w_TK):
-        x_PD, layout = dispatch(x_TD, jnp.asarray(experts), E, align=ALIGN, impl=impl)
-        return jnp.sum(jnp.asarray(c) * combine(x_PD * x_PD, layout, w_TK, impl=impl))
+        x_PD, layout = dispatch(x_TD, jnp.asarray(experts), E, align=ALIGN, **MODE[impl])
+        return jnp.sum(jnp.asarray(c) * combine(x_PD * x_PD, layout, w_TK, **MODE[impl]))
 
     dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(weights))
     np.testing.assert_allclose(np.asarray(dx), 2 * x * c * weights.sum(axis=1, keepdims=True), rtol=1e-5,

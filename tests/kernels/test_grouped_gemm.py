@@ -13,6 +13,7 @@ from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
 from pallas_kernels import combine, dispatch, fp8_grouped_gemm, grouped_gemm
 
 IMPLS = ["pallas", "ref"]
+MODE = {"pallas": {"impl": "pallas", "interpret": True}, "ref": {"impl": "ref"}}  # kernel: interpret mode
 G, K, N = 3, 300, 200
 
 
@@ -40,7 +41,7 @@ def problem():
     x = rng.standard_normal((m.shape[0], K)).astype(np.float32)
     w = rng.standard_normal((G, N, K)).astype(np.float32)
     args = (*act_quant(jnp.asarray(x)), *weight_quant(jnp.asarray(w)), jnp.asarray(m))
-    outs = {impl: np.asarray(fp8_grouped_gemm(*args, out_dtype=jnp.float32, impl=impl)) for impl in IMPLS}
+    outs = {impl: np.asarray(fp8_grouped_gemm(*args, out_dtype=jnp.float32, **MODE[impl])) for impl in IMPLS}
     return x, w, m, args, outs
 
 
@@ -71,7 +72,7 @@ def test_grouped_gemm_exact_on_representable_inputs(impl):
     w_s = (2.0 ** rng.integers(-3, 4, (G, nN, nK))).astype(np.float32)
     x = x_q.astype(np.float64) * np.repeat(x_s, 128, axis=1)[:, :K]
     w = w_q.astype(np.float64) * np.repeat(np.repeat(w_s, 128, axis=1), 128, axis=2)[:, :N, :K]
-    out = fp8_grouped_gemm(*map(jnp.asarray, (x_q, x_s, w_q, w_s, m)), out_dtype=jnp.float32, impl=impl)
+    out = fp8_grouped_gemm(*map(jnp.asarray, (x_q, x_s, w_q, w_s, m)), out_dtype=jnp.float32, **MODE[impl])
     np.testing.assert_array_equal(np.asarray(out), _per_expert_np(x, w, m).astype(np.float32))
 
 
@@ -84,9 +85,9 @@ def test_moe_layer_dispatch_grouped_gemm_combine(impl):
     w = rng.standard_normal((G, F, D)).astype(ml_dtypes.bfloat16)
     experts = np.stack([rng.permutation(G)[:topk] for _ in range(T)]).astype(np.int32)
     weights = rng.random((T, topk)).astype(np.float32)
-    x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), G, align=128, impl=impl)
-    y_PF = grouped_gemm(x_PD, jnp.asarray(w), layout.m_indices_P, jnp.float32, impl=impl)
-    y = np.asarray(combine(y_PF, layout, jnp.asarray(weights), impl=impl))
+    x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), G, align=128, **MODE[impl])
+    y_PF = grouped_gemm(x_PD, jnp.asarray(w), layout.m_indices_P, jnp.float32, **MODE[impl])
+    y = np.asarray(combine(y_PF, layout, jnp.asarray(weights), **MODE[impl]))
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     expected = sum(weights[:, k, None] * np.einsum("td,tfd->tf", x64, w64[experts[:, k]]) for k in range(topk))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -105,4 +106,4 @@ def test_grouped_gemm_rejects_bad_input(problem):
     for args, kwargs, message in cases:
         for impl in IMPLS:
             with pytest.raises(ValueError, match=re.escape(message)):
-                fp8_grouped_gemm(*args, **{"impl": impl, **kwargs})
+                fp8_grouped_gemm(*args, **{**MODE[impl], **kwargs})
