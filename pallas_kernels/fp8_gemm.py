@@ -109,7 +109,9 @@ def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, b
 
     def body(kb, acc):
         k0 = pl.multiple_of(kb * BLOCK_K, BLOCK_K)
-        # Operands stay in their storage dtype (e4m3): Triton lowers this to an FP8 MMA with FP32 accumulation.
+        # Operands stay in their storage dtype (e4m3), FP32 accumulation. Pallas emits this tt.dot without
+        # maxNumImpreciseAcc, so Triton (3.9, sm_90) converts e4m3 -> f16 exactly and uses f16 mma.sync, not wgmma
+        # e4m3 (docs/design.md, "Pallas kernels").
         # f32 operands ask for HIGHEST, else the Triton backend would round them to TF32.
         a, b = load_x(k0), load_w(k0)
         precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None

@@ -1,6 +1,7 @@
 """The Pallas kernels lower for a CUDA GPU (Pallas -> Triton IR) on this CPU-only machine: the Triton backend's
 constraints (power-of-two loads and stores, no scalar prefetch, supported casts) are checked at this stage.
-Triton's own compilation to PTX and running on a GPU are not covered here (benchmarks/fp8_gemm.py on a GPU)."""
+Triton's own compilation to PTX (checked once offline, docs/design.md) and running on a GPU are not covered here.
+"""
 
 import jax
 import jax.numpy as jnp
