@@ -104,16 +104,34 @@ def _from_bits(v, dtype):
     return v if v.dtype == dtype else jax.lax.bitcast_convert_type(v, dtype)
 
 
-def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, block_n: int):
+def _check_dot_dtype(name: str, operand_dtype, dot_dtype) -> None:
+    exact = {jnp.dtype(operand_dtype), jnp.dtype(jnp.float32)}
+    if jnp.dtype(operand_dtype).itemsize == 1:  # e4m3 values are exact in every 16-bit float
+        exact |= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}
+    if dot_dtype is not None and jnp.dtype(dot_dtype) not in exact:
+        raise ValueError(f"{name}: dot_dtype must be None or one of {sorted(str(d) for d in exact)} (exact for "
+                         f"{jnp.dtype(operand_dtype)} operands), got {dot_dtype!r}")
+
+
+def _resolve_dot_dtype(operand_dtype, dot_dtype, interpret: bool):
+    """The dtype the kernel's MMA takes: the operands' own, except e4m3 on Hopper (bf16, see below)."""
+    if dot_dtype is not None:
+        return jnp.dtype(dot_dtype)
+    if not interpret and jnp.dtype(operand_dtype).itemsize == 1:
+        # Pallas emits the e4m3 tt.dot without maxNumImpreciseAcc; on sm_90 Triton then converts to f16 and uses
+        # legacy mma.sync, while a bf16 dot gets wgmma. sm_89 and sm_100 keep native FP8 MMAs (docs/design.md).
+        if str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
+            return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(operand_dtype)
+
+
+def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, block_n: int, dot_dtype):
     """Kernel body: FP32 accumulator over ``n_k`` K blocks, each dot promoted with its tile scales (§5.2)."""
 
     def body(kb, acc):
         k0 = pl.multiple_of(kb * BLOCK_K, BLOCK_K)
-        # Operands stay in their storage dtype (e4m3), FP32 accumulation. Pallas emits this tt.dot without
-        # maxNumImpreciseAcc, so Triton (3.9, sm_90) converts e4m3 -> f16 exactly and uses f16 mma.sync, not wgmma
-        # e4m3 (docs/design.md, "Pallas kernels").
+        a, b = load_x(k0).astype(dot_dtype), load_w(k0).astype(dot_dtype)
         # f32 operands ask for HIGHEST, else the Triton backend would round them to TF32.
-        a, b = load_x(k0), load_w(k0)
         precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
         part = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
                                    preferred_element_type=jnp.float32)
@@ -122,7 +140,7 @@ def _promoted_k_loop(load_x, load_w, load_xs, load_ws, n_k: int, block_m: int, b
     return jax.lax.fori_loop(0, n_k, body, jnp.zeros((block_m, block_n), jnp.float32))
 
 
-def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, operand_dtype):
+def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, operand_dtype, dot_dtype):
     # x_ref [bm, Kp], xs_ref [nK, bm] (MN-major scales: a contiguous row per K block), w_ref [128, Kp],
     # ws_ref [nK] (this N block's scales) or, row-wise, [nK, 128] (one per output column); o_ref [bm, 128].
     block_m, block_n = o_ref.shape
@@ -131,7 +149,7 @@ def _fp8_gemm_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, operand_d
         lambda k0: _from_bits(w_ref[:, pl.ds(k0, BLOCK_K)], operand_dtype),
         lambda kb: xs_ref[kb, :],
         (lambda kb: ws_ref[kb, :][None, :]) if len(ws_ref.shape) == 2 else (lambda kb: ws_ref[kb]),
-        n_k, block_m, block_n)
+        n_k, block_m, block_n, dot_dtype)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -142,8 +160,8 @@ def _triton_params():
     return plgpu.CompilerParams(num_warps=8, num_stages=3)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret", "w_granularity"))
-def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: bool, w_granularity: str):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret", "w_granularity", "dot_dtype"))
+def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: bool, w_granularity: str, dot_dtype):
     (M, K), N = x_q.shape, w_q.shape[0]
     nK, nN = x_s.shape[1], -(-N // BLOCK_N)
     bm = min(block_m, max(16, next_pow2(M)))
@@ -159,7 +177,7 @@ def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: boo
     else:
         ws, ws_spec = w_s.astype(jnp.float32), pl.BlockSpec((None, nK), lambda i, j: (j, 0))
     out = pl.pallas_call(
-        functools.partial(_fp8_gemm_kernel, n_k=nK, operand_dtype=operand_dtype),
+        functools.partial(_fp8_gemm_kernel, n_k=nK, operand_dtype=operand_dtype, dot_dtype=dot_dtype),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         grid=(Mp // bm, nN),
         in_specs=[
@@ -177,17 +195,20 @@ def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: boo
 
 
 def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: str = "block", impl=None,
-             interpret=None, block_m: int = DEFAULT_BLOCK_M):
+             interpret=None, block_m: int = DEFAULT_BLOCK_M, dot_dtype=None):
     """Block-scaled FP8 GEMM x_q @ w_q^T -> [M, N] out_dtype: Pallas kernel on GPU, ``fp8_gemm_ref`` elsewhere.
 
     ``w_granularity`` "block" (w_s [nN, nK]) or "row" (w_s [N, nK]); ``impl`` forces "pallas" or "ref";
-    ``interpret`` runs the kernel in Pallas interpret mode (default off GPU).
+    ``interpret`` runs the kernel in Pallas interpret mode (default off GPU); ``dot_dtype`` (kernel only) is the
+    dtype the tiles are converted to, exactly, for the MMA (default: e4m3, bf16 on Hopper).
     """
     impl, interpret = resolve_impl(impl, interpret)
     check_block("fp8_gemm: block_m", block_m, minimum=16)
     _check_shapes(x_q, x_s, w_q, w_s, w_granularity)
     _check_operand_dtypes("fp8_gemm", x_q, w_q)
+    _check_dot_dtype("fp8_gemm", x_q.dtype, dot_dtype)
     if impl == "ref":
         return fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=out_dtype, w_granularity=w_granularity)
     return _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype=jnp.dtype(out_dtype), block_m=block_m,
-                            interpret=interpret, w_granularity=w_granularity)
+                            interpret=interpret, w_granularity=w_granularity,
+                            dot_dtype=_resolve_dot_dtype(x_q.dtype, dot_dtype, interpret))

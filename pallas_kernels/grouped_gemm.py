@@ -21,10 +21,12 @@ from pallas_kernels._select import check_block, resolve_impl
 from pallas_kernels.fp8_gemm import (
     BLOCK_K,
     BLOCK_N,
+    _check_dot_dtype,
     _check_operand_dtypes,
     _from_bits,
     _promoted_k_loop,
     _promoted_matmul_ref,
+    _resolve_dot_dtype,
     _to_bits,
     _triton_params,
 )
@@ -86,7 +88,8 @@ def fp8_grouped_gemm_ref(x_q, x_s, w_q, w_s, m_indices_P, out_dtype=jnp.bfloat16
     return y_bRN.reshape(P, N).astype(out_dtype)
 
 
-def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_groups: int, operand_dtype):
+def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_groups: int, operand_dtype,
+                    dot_dtype):
     # mi_ref [bm] int32; x_ref [bm, Kp]; xs_ref [nK, bm]; w_ref [G, Np, Kp] and ws_ref [G, nN, nK] whole (the
     # group is data-dependent, so the weight tile is addressed inside the kernel); o_ref [bm, 128].
     block_m, block_n = o_ref.shape
@@ -103,7 +106,7 @@ def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_
             lambda k0: _from_bits(w_ref[g, pl.ds(n0, BLOCK_N), pl.ds(k0, BLOCK_K)], operand_dtype),
             lambda kb: xs_ref[kb, :],
             lambda kb: ws_ref[g, j, kb],
-            n_k, block_m, block_n)
+            n_k, block_m, block_n, dot_dtype)
         o_ref[...] = jnp.where((m_idx == g)[:, None], acc, 0.0).astype(o_ref.dtype)
 
     @pl.when(jnp.logical_not(live))
@@ -111,8 +114,8 @@ def _grouped_kernel(mi_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, n_k: int, n_
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret"))
-def _grouped_pallas(x_q, x_s, w_q, w_s, m_indices_P, out_dtype, block_m: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "interpret", "dot_dtype"))
+def _grouped_pallas(x_q, x_s, w_q, w_s, m_indices_P, out_dtype, block_m: int, interpret: bool, dot_dtype):
     (P, K), (G, N, _) = x_q.shape, w_q.shape
     nN, nK = w_s.shape[1:]
     Kp, Np = nK * BLOCK_K, nN * BLOCK_N
@@ -120,7 +123,7 @@ def _grouped_pallas(x_q, x_s, w_q, w_s, m_indices_P, out_dtype, block_m: int, in
     x_q = jnp.pad(_to_bits(x_q), ((0, 0), (0, Kp - K)))
     w_q = jnp.pad(_to_bits(w_q), ((0, 0), (0, Np - N), (0, Kp - K)))
     out = pl.pallas_call(
-        functools.partial(_grouped_kernel, n_k=nK, n_groups=G, operand_dtype=operand_dtype),
+        functools.partial(_grouped_kernel, n_k=nK, n_groups=G, operand_dtype=operand_dtype, dot_dtype=dot_dtype),
         out_shape=jax.ShapeDtypeStruct((P, Np), out_dtype),
         grid=(P // block_m, nN),
         in_specs=[
@@ -139,21 +142,22 @@ def _grouped_pallas(x_q, x_s, w_q, w_s, m_indices_P, out_dtype, block_m: int, in
 
 
 def fp8_grouped_gemm(x_q, x_s, w_q, w_s, m_indices_P, out_dtype=jnp.bfloat16, *, impl=None, interpret=None,
-                     block_m: int = DEFAULT_BLOCK_M):
+                     block_m: int = DEFAULT_BLOCK_M, dot_dtype=None):
     """Contiguous-layout grouped FP8 GEMM: row p -> x_q[p] @ w_q[m_indices[p]]^T, zeros where m_indices is -1.
 
     Every ``block_m``-row block must hold one group (plus -1 padding rows); Pallas kernel on GPU, the jnp
-    reference elsewhere (``impl``/``interpret`` as in ``fp8_gemm``).
+    reference elsewhere (``impl``/``interpret``/``dot_dtype`` as in ``fp8_gemm``).
     """
     impl, interpret = resolve_impl(impl, interpret)
     _check_grouped_shapes(x_q, x_s, w_q, w_s, m_indices_P, block_m)
     _check_operand_dtypes("fp8_grouped_gemm", x_q, w_q)
+    _check_dot_dtype("fp8_grouped_gemm", x_q.dtype, dot_dtype)
     if impl == "ref":
         return fp8_grouped_gemm_ref(x_q, x_s, w_q, w_s, m_indices_P, out_dtype=out_dtype, block_m=block_m)
     if block_m < 16:
         raise ValueError(f"fp8_grouped_gemm: the Pallas kernel needs block_m >= 16, got {block_m}")
     return _grouped_pallas(x_q, x_s, w_q, w_s, m_indices_P, out_dtype=jnp.dtype(out_dtype), block_m=block_m,
-                           interpret=interpret)
+                           interpret=interpret, dot_dtype=_resolve_dot_dtype(x_q.dtype, dot_dtype, interpret))
 
 
 def grouped_gemm(x_PK, w_GNK, m_indices_P, out_dtype=None, *, impl=None, interpret=None,

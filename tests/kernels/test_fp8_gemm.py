@@ -14,6 +14,7 @@ from pallas_kernels import fp8_gemm, fp8_gemm_ref
 
 IMPLS = ["pallas", "ref"]
 MODE = {"pallas": {"impl": "pallas", "interpret": True}, "ref": {"impl": "ref"}}  # kernel: interpret mode
+MODE["pallas_bf16_dot"] = {**MODE["pallas"], "dot_dtype": jnp.bfloat16}  # the Hopper default: tiles -> bf16 MMA
 
 
 def _quantized(M, K, N, seed):
@@ -70,7 +71,7 @@ def _exact_operands(M, K, N, seed):
     return (x_q, x_s, w_q, w_s), x @ w.T
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["pallas_bf16_dot"])
 def test_fp8_gemm_exact_on_representable_inputs(impl):
     # Several M blocks (block_m 16), two N blocks with distinct weight scales, three K blocks (the last partial):
     # a scale applied to the wrong row, column block or K block changes the result.
@@ -96,6 +97,7 @@ def test_fp8_gemm_rejects_bad_input(ragged):
         ((x_q, x_s, w_q, w_s), {"block_m": 48}, "block_m must be a power of two >= 16, got 48"),
         ((x_q, x_s, w_q, w_s), {"w_granularity": "row"}, "row-wise w_s must be [N, ceil(K/128)] = (200, 3)"),
         ((x_q, x_s, w_q, w_s), {"w_granularity": "tile"}, "w_granularity must be one of ('block', 'row')"),
+        ((x_q, x_s, w_q, w_s), {"dot_dtype": jnp.int8}, "dot_dtype must be None or one of"),
     ]
     for args, kwargs, message in cases:
         for impl in IMPLS:
