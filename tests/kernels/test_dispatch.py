@@ -47,13 +47,14 @@ def routed():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dispatch_places_every_pair(routed, impl):
-    x, experts, _, (x_PD, layout) = routed[0], routed[1], None, routed[3][impl]
+    x, experts, _, out = routed
+    x_PD, layout = out[impl]
     P = -(-(T * K + E * (ALIGN - 1)) // ALIGN) * ALIGN
     assert x_PD.shape == (P, D) and buffer_rows(T * K, E, ALIGN) == P
     rows = _layout_np(experts, E, ALIGN)
     np.testing.assert_array_equal(np.asarray(layout.row_TK), rows)
     np.testing.assert_array_equal(np.asarray(layout.group_sizes_E), np.bincount(experts.ravel(), minlength=E))
-    x_PD, m = np.asarray(x_PD), np.asarray(layout.m_indices_P)
+    x_PD, m, pair = np.asarray(x_PD), np.asarray(layout.m_indices_P), np.asarray(layout.pair_P)
     real = np.zeros(P, bool)
     real[rows.ravel()] = True
     assert real.sum() == T * K  # distinct rows: nothing overwritten, nothing dropped
@@ -61,8 +62,8 @@ def test_dispatch_places_every_pair(routed, impl):
         for k in range(K):
             np.testing.assert_array_equal(x_PD[rows[t, k]], x[t])
             assert m[rows[t, k]] == experts[t, k]
-            assert np.asarray(layout.pair_P)[rows[t, k]] == t * K + k
-    assert np.all(x_PD[~real] == 0) and np.all(m[~real] == -1) and np.all(np.asarray(layout.pair_P)[~real] == -1)
+            assert pair[rows[t, k]] == t * K + k
+    assert np.all(x_PD[~real] == 0) and np.all(m[~real] == -1) and np.all(pair[~real] == -1)
     # Every ALIGN-row block holds one expert (plus padding): what the grouped GEMM needs.
     blocks = m.reshape(-1, ALIGN)
     assert all(len(set(b[b >= 0])) <= 1 for b in blocks)
