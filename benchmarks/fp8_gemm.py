@@ -1,0 +1,108 @@
+"""Block-scaled FP8 GEMM (pallas_kernels.fp8_gemm) against jnp.dot in bf16 at DeepSeek-V3's GEMM shapes
+(reference §5.2: M 4096, (K, N) from DeepGEMM's test list), in one run; TFLOP/s of both and their ratio.
+
+On a GPU the Pallas kernel runs compiled (Triton). On the CPU there is no FP8 kernel to time: the kernel runs in
+Pallas interpret mode next to the jnp reference (``fp8_gemm_ref``), at a reduced M (128 unless --m is given).
+
+    python benchmarks/fp8_gemm.py [--json] [--shapes 7168x2112 ...] [--m 4096] [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
+from pallas_kernels import fp8_gemm
+
+SHAPES_KN = ((7168, 2112), (1536, 24576), (512, 32768), (16384, 7168), (7168, 4096), (2048, 7168))
+GPU_M, CPU_M = 4096, 128
+
+
+def _seconds(fn, args, reps: int):
+    """(median wall time of ``reps`` calls of jitted ``fn`` compiled ahead of time, the last output)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be KxN (e.g. 7168x2112), got {text!r}") from None
+    if k < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"shape must have positive K and N, got {text!r}")
+    return k, n
+
+
+def bench_shape(m: int, k: int, n: int, on_gpu: bool, reps: int) -> dict:
+    """Time one (M, K, N): the FP8 kernel, the jnp reference (CPU only) and the bf16 jnp.dot."""
+    kx, kw = jax.random.split(jax.random.key(k * 100003 + n))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (n, k), jnp.bfloat16)
+    args = jax.block_until_ready((*act_quant(x), *weight_quant(w)))
+    flops = 2.0 * m * n * k
+    row = {"m": m, "k": k, "n": n}
+    row["fp8_s"], out_fp8 = _seconds(lambda *a: fp8_gemm(*a, impl="pallas", interpret=not on_gpu), args, reps)
+    row["bf16_s"], out_bf16 = _seconds(lambda a, b: jnp.dot(a, b.T), (x, w), reps)
+    if not on_gpu:
+        row["fp8_ref_s"], _ = _seconds(lambda *a: fp8_gemm(*a, impl="ref"), args, reps)
+        row["fp8_ref_tflops"] = flops / row["fp8_ref_s"] / 1e12
+    row["fp8_tflops"] = flops / row["fp8_s"] / 1e12
+    row["bf16_tflops"] = flops / row["bf16_s"] / 1e12
+    row["ratio"] = row["fp8_tflops"] / row["bf16_tflops"]
+    row["calc_diff_vs_bf16"] = calc_diff(np.asarray(out_fp8, np.float32), np.asarray(out_bf16, np.float32))
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON line at the end")
+    ap.add_argument("--shapes", nargs="+", type=_parse_shape, metavar="KxN", default=list(SHAPES_KN),
+                    help="(K, N) pairs; default: the six DeepSeek-V3 shapes of reference §5.2")
+    ap.add_argument("--m", type=int, default=None, help=f"rows of A (default {GPU_M} on GPU, {CPU_M} on CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement after an ahead-of-time "
+                    "compile, median (default 10 on GPU, 1 on CPU)")
+    args = ap.parse_args(argv)
+    if args.m is not None and args.m < 1:
+        ap.error(f"--m must be positive, got {args.m}")
+    if args.reps is not None and args.reps < 1:
+        ap.error(f"--reps must be positive, got {args.reps}")
+
+    on_gpu = jax.default_backend() == "gpu"
+    m = args.m or (GPU_M if on_gpu else CPU_M)
+    reps = args.reps or (10 if on_gpu else 1)
+    device = jax.devices()[0].device_kind
+    if on_gpu:
+        print(f"fp8_gemm on {device}: Pallas kernel compiled (Triton) vs jnp.dot bf16, M={m}")
+    else:
+        print(f"fp8_gemm on {device} ({jax.default_backend()}): no compiled FP8 kernel here; the Pallas kernel runs "
+              f"in interpret mode, next to the jnp reference, at M={m}"
+              + (f" (reduced from {GPU_M}; pass --m to change)" if args.m is None else ""))
+    rows = []
+    for k, n in args.shapes:
+        r = bench_shape(m, k, n, on_gpu, reps)
+        rows.append(r)
+        kernel_name = "pallas" if on_gpu else "pallas(interpret)"
+        ref = f"  fp8 ref {r['fp8_ref_s'] * 1e3:9.2f} ms {r['fp8_ref_tflops']:7.3f} TFLOP/s" if not on_gpu else ""
+        print(f"  M={m} K={k:5d} N={n:5d}  fp8 {kernel_name} {r['fp8_s'] * 1e3:9.2f} ms "
+              f"{r['fp8_tflops']:7.3f} TFLOP/s{ref}  bf16 jnp.dot {r['bf16_s'] * 1e3:9.2f} ms "
+              f"{r['bf16_tflops']:7.3f} TFLOP/s  fp8/bf16 {r['ratio']:.2f}x  calc_diff {r['calc_diff_vs_bf16']:.1e}",
+              flush=True)
+    if args.json:
+        print(json.dumps({"backend": jax.default_backend(), "device": device, "m": m, "interpret": not on_gpu,
+                          "shapes": rows}))
+
+
+if __name__ == "__main__":
+    main()
