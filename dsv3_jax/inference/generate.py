@@ -3,14 +3,14 @@ both jit-compiled once for static shapes (cache preallocated to prompt + max_new
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dsv3_jax.inference.cache import init_cache
+from dsv3_jax.inference.decoder import Decoder, compile_step, layer_cache
 
 
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
@@ -79,19 +79,20 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     out[:, :t] = prompt
     if max_new_tokens == 0:
         return out
-    dtype = cache_dtype or model.precision.compute_dtype
-    cache = init_cache(cfg, b, total, dtype)
-    step_fn = _compiled_step(model)
+    dec = Decoder.of(model)
+    step = compile_step(_last_logits_step, dec.static(), ("cache",))
+    sample = _sampler(temperature, top_k, top_p)
+    cache = layer_cache(cfg, b, total, cache_dtype or model.precision.compute_dtype)
     key = jax.random.key(seed)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, _, cache = step_fn(model, jnp.asarray(prompt), positions, cache)
-    last = logits[jnp.arange(b), jnp.asarray(lengths - 1)]
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    logits, cache = step(dec.state, dec.layer_states, prompt, positions, cache, (lengths - 1).astype(np.int32))
+    nxt = sample(logits, key, 0)
     pos = lengths.copy()
     done = np.zeros((b,), bool)
     stops = np.asarray(list(stop_tokens), np.int32)
+    zero = np.zeros((b,), np.int32)
     for i in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        nxt = np.asarray(sample_logits(last, sub, temperature, top_k, top_p))
+        nxt = np.asarray(nxt)
         nxt = np.where(done, out[np.arange(b), pos - 1], nxt)  # finished rows repeat their stop token
         out[np.arange(b), pos] = nxt
         if callback is not None:
@@ -99,8 +100,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
         done |= np.isin(nxt, stops)
         if done.all() or i == max_new_tokens - 1:
             break
-        logits, _, cache = step_fn(model, jnp.asarray(nxt[:, None]), jnp.asarray(pos[:, None], jnp.int32), cache)
-        last = logits[:, 0]
+        logits, cache = step(dec.state, dec.layer_states, nxt[:, None], pos[:, None].astype(np.int32), cache, zero)
+        nxt = sample(logits, key, i + 1)
         pos += 1
     for row in range(b):  # rows that stopped early keep the stop token to the end
         end = lengths[row] + max_new_tokens
@@ -110,12 +111,13 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     return out
 
 
-_STEPS: dict = {}
+def _last_logits_step(dec: Decoder, state, layer_states, tokens_BT, positions_BT, cache, last_B):
+    """Run the model over new tokens against the cache; each row's logits [B, V] at its position last_B."""
+    logits, _, cache = dec.forward(state, layer_states, tokens_BT, positions_BT, cache)
+    return logits[jnp.arange(tokens_BT.shape[0]), last_B], cache
 
 
-def _compiled_step(model):
-    """nnx.jit of forward_cached, one per model graph (prefill and decode differ only in shapes)."""
-    fn = _STEPS.get(id(type(model)))
-    if fn is None:
-        fn = _STEPS[id(type(model))] = nnx.jit(lambda m, tok, pos, cache: m.forward_cached(tok, pos, cache))
-    return fn
+@functools.lru_cache(maxsize=64)
+def _sampler(temperature: float, top_k: int | None, top_p: float | None):
+    """sample_logits for fixed settings, jitted apart from the model step (which then compiles once per shape)."""
+    return jax.jit(lambda logits, key, i: sample_logits(logits, jax.random.fold_in(key, i), temperature, top_k, top_p))

@@ -11,11 +11,9 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dsv3_jax.inference.cache import LatentCache, init_cache
-from dsv3_jax.inference.generate import _check, _compiled_step, filter_logits
-from dsv3_jax.model.rope import rope_cos_sin
+from dsv3_jax.inference.decoder import Decoder, compile_step, layer_cache
+from dsv3_jax.inference.generate import _check, filter_logits
 
 
 class SpeculativeStats(NamedTuple):
@@ -40,18 +38,59 @@ def _filtered_probs(logits, temperature, top_k, top_p):
     return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
 
 
-def _mtp_step(model, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache):
-    """The first MTP module at `positions` (h_i from the main model, token i+1) with its own latent cache."""
-    graphdef, state = nnx.split(model.mtp)
-    mod = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
-    cos, sin = rope_cos_sin(positions_BT, model.config)
-    emb = model.embed_tokens(next_tokens_BT)
-    x = jnp.concatenate([mod.enorm(emb), mod.hnorm(hidden_BTD)], axis=-1) @ mod.eh_proj[...].astype(emb.dtype)
-    h, c, pe = mod.block.cached(x, cos, sin, positions_BT, cache.c_kv[0], cache.k_pe[0])
-    return model.output_head(mod.head_norm(h)), LatentCache(c[None], pe[None])
+def _pick(logits_BV, key, temperature, top_k, top_p):
+    """One token per row: argmax when greedy, else a draw from the filtered distribution."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    p = _filtered_probs(logits_BV, temperature, top_k, top_p)
+    return jax.random.categorical(key, jnp.log(p), axis=-1).astype(jnp.int32)
 
 
-_MTP_STEP = nnx.jit(_mtp_step)
+def _prefill_step(dec: Decoder, temperature, top_k, top_p, state, layer_states, mtp_state, prompt_BT, cache,
+                  mtp_cache, last_B, key):
+    """Main model over the prompt, its next token, then the MTP module over (h_i, t_{i+1}) at every prompt
+    position and the first draft: (next, draft, draft_logits, cache, mtp_cache)."""
+    b, t = prompt_BT.shape
+    rows = jnp.arange(b)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, hidden, cache = dec.forward(state, layer_states, prompt_BT, positions, cache)
+    k1, k2 = jax.random.split(key)
+    nxt = _pick(logits[rows, last_B], k1, temperature, top_k, top_p)
+    shifted = jnp.concatenate([prompt_BT[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1).at[rows, last_B].set(nxt)
+    mtp_logits, mtp_cache = dec.mtp_forward(state, mtp_state, hidden, shifted, positions, mtp_cache)
+    draft_logits = mtp_logits[rows, last_B]
+    return nxt, _pick(draft_logits, k2, temperature, top_k, top_p), draft_logits, cache, mtp_cache
+
+
+def _verify_step(dec: Decoder, temperature, top_k, top_p, state, layer_states, mtp_state, nxt_B, draft_B,
+                 draft_logits_BV, pos_B, cache, mtp_cache, key, i):
+    """One main-model forward over [next, draft] at [pos, pos+1], the acceptance test, and the next draft from
+    the MTP module: (accept, new_next, new_draft, new_draft_logits, cache, mtp_cache). Each row emits draft (if
+    accepted) and new_next."""
+    key = jax.random.fold_in(key, i)
+    k_acc, k_fix, k_bonus, k_draft = jax.random.split(key, 4)
+    verify_pos = jnp.stack([pos_B, pos_B + 1], axis=1)
+    logits, hidden, cache = dec.forward(state, layer_states, jnp.stack([nxt_B, draft_B], axis=1), verify_pos, cache)
+    rows = jnp.arange(nxt_B.shape[0])
+    if temperature > 0:  # speculative sampling: accept with min(1, p/q), else resample from max(0, p - q)
+        p0 = _filtered_probs(logits[:, 0], temperature, top_k, top_p)
+        q0 = _filtered_probs(draft_logits_BV, temperature, top_k, top_p)
+        p_d, q_d = p0[rows, draft_B], q0[rows, draft_B]
+        accept = jax.random.uniform(k_acc, p_d.shape) < jnp.minimum(1.0, p_d / jnp.maximum(q_d, 1e-30))
+        residual = jnp.maximum(p0 - q0, 0.0)
+        residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p0)
+        fix = jax.random.categorical(k_fix, jnp.log(residual), axis=-1).astype(jnp.int32)
+    else:
+        fix = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        accept = fix == draft_B
+    bonus = _pick(logits[:, 1], k_bonus, temperature, top_k, top_p)
+    new_nxt = jnp.where(accept, bonus, fix)
+    # MTP over (h_pos, token pos+1) and (h_pos+1, token pos+2); the draft comes from the last valid one
+    tok0 = jnp.where(accept, draft_B, fix)
+    mtp_logits, mtp_cache = dec.mtp_forward(state, mtp_state, hidden, jnp.stack([tok0, new_nxt], axis=1),
+                                            verify_pos, mtp_cache)
+    draft_logits = jnp.where(accept[:, None], mtp_logits[:, 1], mtp_logits[:, 0])
+    return accept, new_nxt, _pick(draft_logits, k_draft, temperature, top_k, top_p), draft_logits, cache, mtp_cache
 
 
 def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -71,32 +110,20 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: fl
     out[:, :t] = prompt
     if max_new_tokens == 0:
         return (out, SpeculativeStats(0, 0, 0, 0, b)) if return_stats else out
+    dec = Decoder.of(model)
+    settings = (temperature, top_k, top_p)
+    donate = ("cache", "mtp_cache")
+    prefill = compile_step(_prefill_step, dec.static(), donate, *settings)
+    verify = compile_step(_verify_step, dec.static(), donate, *settings)
     dtype = model.precision.compute_dtype
     size = total + 2
-    cache = init_cache(cfg, b, size, dtype)
-    mtp_cache = LatentCache(*(x[:1] for x in init_cache(cfg, b, size, dtype)))
-    main_fn, mtp_fn = _compiled_step(model), _MTP_STEP
-    sampling = temperature > 0
+    cache = layer_cache(cfg, b, size, dtype)
+    mtp_cache = layer_cache(cfg, b, size, dtype, layers=1)
     key = jax.random.key(seed)
     rows = np.arange(b)
-
-    def pick(logits, k):  # one token per row from [B, V] logits
-        if not sampling:
-            return np.asarray(jnp.argmax(logits, axis=-1), np.int32)
-        p = _filtered_probs(logits, temperature, top_k, top_p)
-        return np.asarray(jax.random.categorical(k, jnp.log(p), axis=-1), np.int32)
-
-    # prefill: main model over the prompt, then the MTP module over (h_i, t_{i+1}) for every prompt position
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, hidden, cache = main_fn(model, jnp.asarray(prompt), positions, cache)
-    key, k1, k2 = jax.random.split(key, 3)
-    nxt = pick(logits[rows, lengths - 1], k1)
-    shifted = np.concatenate([prompt[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
-    shifted[rows, lengths - 1] = nxt
-    mtp_logits, mtp_cache = mtp_fn(model, hidden, jnp.asarray(shifted), positions, mtp_cache)
-    draft_logits = mtp_logits[rows, lengths - 1]
-    draft = pick(draft_logits, k2)
-
+    nxt, draft, draft_logits, cache, mtp_cache = prefill(dec.state, dec.layer_states, dec.mtp_state, prompt, cache,
+                                                         mtp_cache, (lengths - 1).astype(np.int32), key)
+    nxt = np.asarray(nxt)
     pos = lengths.copy()  # position of `nxt`
     emitted = np.zeros((b,), np.int64)
     stops = np.asarray(list(stop_tokens), np.int32)
@@ -105,7 +132,6 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: fl
     forwards = 1
 
     def emit(row, token):
-        nonlocal done
         if done[row] or emitted[row] >= max_new_tokens:
             return
         out[row, lengths[row] + emitted[row]] = token
@@ -116,40 +142,20 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: fl
     for r in rows:
         emit(r, nxt[r])
     while not all(done[r] or emitted[r] >= max_new_tokens for r in rows):
-        verify_pos = np.stack([pos, pos + 1], axis=1)
-        logits, hidden, cache = main_fn(model, jnp.asarray(np.stack([nxt, draft], axis=1)),
-                                        jnp.asarray(verify_pos, jnp.int32), cache)
+        old_draft = np.asarray(draft)
+        accept, nxt, draft, draft_logits, cache, mtp_cache = verify(
+            dec.state, dec.layer_states, dec.mtp_state, nxt, draft, draft_logits, pos.astype(np.int32), cache,
+            mtp_cache, key, forwards)
+        accept, nxt = np.asarray(accept), np.asarray(nxt)
         forwards += 1
-        key, k_acc, k_fix, k_bonus, k_draft = jax.random.split(key, 5)
-        if sampling:
-            p0 = _filtered_probs(logits[:, 0], temperature, top_k, top_p)
-            q0 = _filtered_probs(draft_logits, temperature, top_k, top_p)
-            p_d, q_d = np.asarray(p0[rows, draft]), np.asarray(q0[rows, draft])
-            u = np.asarray(jax.random.uniform(k_acc, (b,)))
-            accept = u < np.minimum(1.0, p_d / np.maximum(q_d, 1e-30))
-            residual = jnp.maximum(p0 - q0, 0.0)
-            residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p0)
-            fix = np.asarray(jax.random.categorical(k_fix, jnp.log(residual), axis=-1), np.int32)
-        else:
-            fix = np.asarray(jnp.argmax(logits[:, 0], axis=-1), np.int32)
-            accept = fix == draft
-        bonus = pick(logits[:, 1], k_bonus)
-        live = np.array([not done[r] and emitted[r] < max_new_tokens for r in rows])
+        live = ~done & (emitted < max_new_tokens)
         drafted += int(live.sum())
         accepted += int((accept & live).sum())
-        new_nxt = np.where(accept, bonus, fix)
         for r in rows:
             if accept[r]:
-                emit(r, draft[r])
-            emit(r, new_nxt[r])
-        # MTP over (h_pos, token pos+1) and (h_pos+1, token pos+2); the draft comes from the last valid one
-        tok0 = np.where(accept, draft, fix)
-        mtp_logits, mtp_cache = mtp_fn(model, hidden, jnp.asarray(np.stack([tok0, new_nxt], axis=1)),
-                                       jnp.asarray(verify_pos, jnp.int32), mtp_cache)
-        draft_logits = jnp.where(jnp.asarray(accept)[:, None], mtp_logits[:, 1], mtp_logits[:, 0])
-        draft = pick(draft_logits, k_draft)
+                emit(r, old_draft[r])
+            emit(r, nxt[r])
         pos = pos + np.where(accept, 2, 1)
-        nxt = new_nxt
     for row in rows:  # rows that stopped early keep the stop token to the end
         if done[row]:
             end = lengths[row] + max_new_tokens

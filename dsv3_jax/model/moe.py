@@ -88,10 +88,11 @@ def dispatch_layout(experts_TK: jax.Array, num_experts: int, tile: int = 1) -> D
 def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, tile: int) -> jax.Array:
     """Row block g of x (group_sizes_E[g] rows, in order) times w[g]; rows past the groups give zeros.
 
-    tile == 1: jax.lax.ragged_dot. tile > 1 (segments padded to whole tiles): each tile belongs to one expert;
-    `_tiled_matmul` runs one (tile x D) @ (D x F) product per tile, much faster than ragged_dot on the CPU.
+    tile == 0: jax.lax.ragged_dot (accelerators). tile >= 1 (segments padded to whole tiles): each tile belongs to
+    one expert; `_tiled_matmul` runs one (tile x D) @ (D x F) product per tile, much faster than ragged_dot on the
+    CPU (where it is a masked product of every row with every expert).
     """
-    if tile == 1:
+    if tile == 0:
         return jax.lax.ragged_dot(x_PD, w_EDF, group_sizes_E)
     n_tiles = x_PD.shape[0] // tile
     ends = jnp.cumsum(group_sizes_E)
@@ -146,12 +147,12 @@ _tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
 def default_tile(pairs: int | None = None, num_experts: int | None = None) -> int:
-    """Grouped-matmul tile: ragged_dot (1) on accelerators; on the CPU, padded tiles of 64 rows, except for few
-    (token, expert) pairs (decoding), where the E x pairs masked product of ragged_dot is cheaper than the
-    E x 63 padding rows of the tiles."""
+    """Grouped-matmul tile: ragged_dot (0) on accelerators. On the CPU, padded tiles of 64 rows, except for few
+    (token, expert) pairs (decoding): there every pair is its own tile, so only the chosen experts' weights are
+    read, not the E x 63 padding rows of 64-row tiles."""
     if jax.default_backend() != "cpu":
-        return 1
-    if pairs is not None and num_experts is not None and pairs * num_experts < pairs + num_experts * 63:
+        return 0
+    if pairs is not None and num_experts is not None and pairs <= num_experts:
         return 1
     return 64
 
@@ -162,7 +163,7 @@ def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_do
     t, k = routing.experts_TK.shape
     tile = default_tile(t * k, w_gate_EDF.shape[0]) if tile is None else tile
     dt = x_TD.dtype
-    layout = dispatch_layout(routing.experts_TK, w_gate_EDF.shape[0], tile)
+    layout = dispatch_layout(routing.experts_TK, w_gate_EDF.shape[0], max(tile, 1))
     # Row r of the buffer holds token src[r]; padding rows point at an appended zero row.
     src = jnp.full((layout.rows,), t, jnp.int32).at[layout.dest_TK.reshape(-1)].set(
         jnp.repeat(jnp.arange(t, dtype=jnp.int32), k))

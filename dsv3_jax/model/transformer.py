@@ -158,22 +158,34 @@ class Transformer(nnx.Module):
         return fn(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop_tokens=stop_tokens, **kwargs)
 
-    def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache):
+    def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache, layers=None):
         """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache; returns
         (logits, hidden [B,T,D] after the final norm, updated cache). Prefill passes the prompt at positions
-        0..T-1, decode one token per sequence at its own position; slots past a query's position are never read."""
+        0..T-1, decode one token per sequence at its own position; slots past a query's position are never read.
+
+        `layers` (optional): the blocks as separate modules, dense then MoE, with the cache's fields sequences of
+        per-layer arrays. The decoder uses this form: a scan over the stacks copies every layer's weights out of
+        its stack at every step, which dominates a decode step on the CPU."""
         cos, sin = rope_cos_sin(positions_BT, self.config)
         h = self.embed_tokens(tokens_BT)
-        k = self.config.num_dense_layers
+        if layers is not None:
+            c_kv, k_pe = [], []
+            for layer, c, pe in zip(layers, cache.c_kv, cache.k_pe, strict=True):
+                h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
+                c_kv.append(c)
+                k_pe.append(pe)
+            new_cache = type(cache)(tuple(c_kv), tuple(k_pe))
+        else:
+            k = self.config.num_dense_layers
 
-        def body(layer, h, c, pe):
-            h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
-            return h, (c, pe)
+            def body(layer, h, c, pe):
+                h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
+                return h, (c, pe)
 
-        h, dense = scan_layers(self.dense_layers, body, h, cache.c_kv[:k], cache.k_pe[:k])
-        h, moe = scan_layers(self.moe_layers, body, h, cache.c_kv[k:], cache.k_pe[k:])
-        parts = [x for x in (dense, moe) if x is not None]
-        new_cache = type(cache)(jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts]))
+            h, dense = scan_layers(self.dense_layers, body, h, cache.c_kv[:k], cache.k_pe[:k])
+            h, moe = scan_layers(self.moe_layers, body, h, cache.c_kv[k:], cache.k_pe[k:])
+            parts = [x for x in (dense, moe) if x is not None]
+            new_cache = type(cache)(jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts]))
         hidden = self.norm(h)
         return self.output_head(hidden), hidden, new_cache
 

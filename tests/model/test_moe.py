@@ -51,7 +51,7 @@ def _params(moe):
     return p
 
 
-@pytest.mark.parametrize("tile", [1, 4, 64])
+@pytest.mark.parametrize("tile", [0, 1, 4, 64])  # 0: ragged_dot
 def test_moe_equals_per_token_loop(tile, monkeypatch):
     monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda *_: tile)
     moe = MoE(CFG, jnp.float32, nnx.Rngs(0))
@@ -63,7 +63,7 @@ def test_moe_equals_per_token_loop(tile, monkeypatch):
     np.testing.assert_array_equal(np.asarray(aux.counts_E), counts)
 
 
-@pytest.mark.parametrize("tile", [1, 64])
+@pytest.mark.parametrize("tile", [0, 1, 64])
 def test_dropless_when_every_token_prefers_one_expert(tile, monkeypatch):
     monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda *_: tile)
     cfg = CFG.replace(n_group=1, topk_group=1, num_experts_per_tok=2)

@@ -1,0 +1,104 @@
+"""The model in the form decoding wants: its layer stacks split into one module per layer, and a per-layer cache.
+
+A training model keeps each block's weights stacked on a leading layer axis and scans over it; inside a scan XLA
+copies every layer's weights out of the stack at every iteration, which for one token per step costs more than the
+step's arithmetic. The decoder slices the stacks once per generate() call and runs the layers one after the other
+(the compile grows with depth, the step does not copy weights). Compiled steps are cached per model graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.inference.cache import LatentCache
+from dsv3_jax.model.rope import rope_cos_sin
+
+
+class Decoder(NamedTuple):
+    """Pure state of a model for decoding: graph definitions (static) and arrays."""
+
+    graphdef: nnx.GraphDef  # the whole model (its layer stacks are passed along but not read by the steps)
+    layer_defs: tuple  # one graph definition per layer, dense layers first
+    state: nnx.State
+    layer_states: tuple  # one state per layer: the stacks sliced once
+    mtp_def: nnx.GraphDef | None = None  # the first MTP module (speculative drafting), if the model has one
+    mtp_state: nnx.State | None = None
+
+    @classmethod
+    def of(cls, model) -> "Decoder":
+        """Split a Transformer: the whole state, and each stacked layer (and the first MTP module) sliced out.
+        The slices are kept with the model and reused while its stacked weights are the same arrays."""
+        _, state = nnx.split(model)
+        leaves = jax.tree.leaves(state)
+        hit = _DECODERS.get(model)
+        if hit is not None and len(hit[0]) == len(leaves) and all(a is b for a, b in zip(hit[0], leaves)):
+            return hit[1]
+        dec = cls._split(model)
+        _DECODERS[model] = (leaves, dec)
+        return dec
+
+    @classmethod
+    def _split(cls, model) -> "Decoder":
+        graphdef, state = nnx.split(model)
+        defs, states = [], []
+        for stack in (model.dense_layers, model.moe_layers):
+            if stack is None:
+                continue
+            gd, st = nnx.split(stack)
+            n = jax.tree.leaves(st)[0].shape[0]
+            defs += [gd] * n
+            states += _unstack(st, n)
+        mtp_def = mtp_state = None
+        if model.mtp is not None:
+            mtp_def, mtp_stack = nnx.split(model.mtp)
+            mtp_state = _unstack(mtp_stack, 1)[0]
+        return cls(graphdef, tuple(defs), state, tuple(states), mtp_def, mtp_state)
+
+    def forward(self, state, layer_states, tokens_BT, positions_BT, cache):
+        """forward_cached with the layers one by one (call under jit)."""
+        layers = [nnx.merge(d, s) for d, s in zip(self.layer_defs, layer_states)]
+        return nnx.merge(self.graphdef, state).forward_cached(tokens_BT, positions_BT, cache, layers)
+
+    def mtp_forward(self, state, mtp_state, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache):
+        """The first MTP module at `positions` (h_i of the main model, token i+1) against its own one-layer cache:
+        (logits [B,T,V], cache). Call under jit."""
+        model, mod = nnx.merge(self.graphdef, state), nnx.merge(self.mtp_def, mtp_state)
+        cos, sin = rope_cos_sin(positions_BT, model.config)
+        emb = model.embed_tokens(next_tokens_BT)
+        x = jnp.concatenate([mod.enorm(emb), mod.hnorm(hidden_BTD)], axis=-1) @ mod.eh_proj[...].astype(emb.dtype)
+        h, c, pe = mod.block.cached(x, cos, sin, positions_BT, cache.c_kv[0], cache.k_pe[0])
+        return model.output_head(mod.head_norm(h)), LatentCache((c,), (pe,))
+
+    def static(self) -> tuple:
+        """The hashable part (graph definitions), the key of compiled steps."""
+        return self.graphdef, self.layer_defs, self.mtp_def
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(stacked, n: int):
+    return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+
+
+def layer_cache(cfg, batch: int, max_len: int, dtype, layers: int | None = None) -> LatentCache:
+    """A zero latent cache as per-layer arrays ([B, S, C] and [B, S, R] for each of `layers` layers)."""
+    n = cfg.num_hidden_layers if layers is None else layers
+    return LatentCache(tuple(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype) for _ in range(n)),
+                       tuple(jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype) for _ in range(n)))
+
+
+@functools.lru_cache(maxsize=64)
+def compile_step(fn, static: tuple, donate: tuple[str, ...], *settings):
+    """jax.jit of fn(decoder, *settings, *arrays), once per (function, model graph, settings); the arguments
+    named in `donate` (the caches) are updated in place."""
+    graphdef, layer_defs, mtp_def = static
+    dec = Decoder(graphdef, layer_defs, None, None, mtp_def, None)
+    return jax.jit(functools.partial(fn, dec, *settings), donate_argnames=donate)
