@@ -45,16 +45,18 @@ _COLS = 16
 class PipelineModel:
     """A model cut into identical stages plus edges, as pure functions.
 
-    embed(edge_params, inputs_m) -> h          before the first stage (inputs_m: one micro-batch of `inputs`)
-    stage(stage_params, h) -> (h, loss_term)   one stage; loss_term (scalar) is added to the micro-batch's loss
-    head(edge_params, h, inputs_m) -> loss     after the last stage: the micro-batch's loss (scalar)
+    embed(edge_params, inputs_m) -> h                before the first stage (inputs_m: one micro-batch of `inputs`)
+    stage(stage_params, h) -> (h, loss_term, aux)    one stage; loss_term (scalar) is added to the micro-batch's
+                                                     loss; aux (any pytree, e.g. expert counts) is summed over
+                                                     micro-batches, not differentiated
+    head(edge_params, h, inputs_m) -> (loss, aux)    after the last stage: the micro-batch's loss (scalar)
 
     The loss differentiated is the mean over micro-batches of (head loss + every stage's loss_term).
     """
 
     embed: Callable[[Any, Any], jax.Array]
-    stage: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
-    head: Callable[[Any, jax.Array, Any], jax.Array]
+    stage: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    head: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +118,9 @@ def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
         if s2 < 0 or s2 > last:
             return _NONE, 0
         r2, p2 = where[(chain, s2)]
+        if abs(r2 - r) > 1:
+            raise ValueError(f"{schedule.name}: stages {stage} and {s2} sit on ranks {r} and {r2}; the executor "
+                             "only sends to neighbouring ranks")
         return {1: _RIGHT, -1: _LEFT, 0: _LOCAL}[r2 - r], p2
 
     for (kind, chain, stage, m), t in tick.items():
@@ -154,7 +159,8 @@ def program_shape(schedule: Schedule) -> tuple[int, int, int]:
 
 def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.sharding.Mesh, stage_params,
                             edge_params, inputs, *, axis: str = "pp", pad_to: tuple[int, int, int] | None = None):
-    """(loss, (stage_grads, edge_grads)) of the mean micro-batch loss, run as `schedule` over mesh axis `axis`.
+    """(loss, (stage_grads, edge_grads), (stage_aux, head_aux)) of the mean micro-batch loss, run as `schedule`
+    over mesh axis `axis`; the aux outputs are summed over micro-batches (stage_aux with a leading stage axis).
 
     stage_params: pytree whose leaves have a leading axis of schedule.num_stages; edge_params: any pytree;
     inputs: pytree whose leaves have a leading axis of schedule.microbatches (one entry per micro-batch; DualPipe
@@ -207,7 +213,11 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
     local = jax.tree.map(lambda a: a[stage_index], stage_params)  # [ranks, phases, ...], sharded over `axis`
     inv_m = jnp.float32(1.0 / microbatches)
     x0 = jax.eval_shape(model.embed, edge_params, _take(inputs, 0))
-    h_shape = jax.eval_shape(lambda p, x: model.stage(p, x)[0], _take(stage_params, 0), x0)
+    h_shape, _, aux_s = jax.eval_shape(model.stage, _take(stage_params, 0), x0)
+    _, aux_h = jax.eval_shape(model.head, edge_params, x0, _take(inputs, 0))
+    stage_fn = lambda p, x: model.stage(p, x)[:2]  # noqa: E731
+    head_fn = lambda e, h, inp: jnp.asarray(model.head(e, h, inp)[0], jnp.float32)  # noqa: E731
+    zeros_of = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
     if (h_shape.shape, h_shape.dtype) != (x0.shape, x0.dtype):
         raise ValueError(f"stage output {h_shape} differs from the stage input {x0.shape} {x0.dtype}; the pipeline "
                          "needs one hidden shape at every stage boundary")
@@ -221,7 +231,8 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
         # gradient, or on the last stage its output (the head's input). Slot `slots` is a discard slot.
         buf = jnp.zeros((phases, slots + 1) + x0.shape, x0.dtype)
         carry = dict(x=buf, g=buf, gp=jax.tree.map(jnp.zeros_like, local), ge=zero_e,
-                     loss=jnp.zeros((), jnp.float32))
+                     loss=jnp.zeros((), jnp.float32),
+                     sa=jax.tree.map(lambda a: jnp.zeros((phases,) + a.shape, a.dtype), aux_s), ha=zeros_of(aux_h))
 
         def tick(c, row):
             x_buf, g_buf = c["x"], c["g"]
@@ -232,11 +243,13 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
 
             def fwd():
                 x = jax.lax.cond(ffirst, lambda: model.embed(edge, inp).astype(x0.dtype), lambda: x_buf[fp, fk])
-                h, term = model.stage(_take(local, fp), x)
-                loss = jax.lax.cond(flast, lambda: f32(model.head(edge, h, inp)), lambda: f32(0))
-                return x, h, f32(term) + loss
+                h, term, aux = model.stage(_take(local, fp), x)
+                loss, head_aux = jax.lax.cond(flast, lambda: (lambda o: (f32(o[0]), o[1]))(model.head(edge, h, inp)),
+                                              lambda: (f32(0), zeros_of(aux_h)))
+                return x, h, f32(term) + loss, aux, head_aux
 
-            x_f, h_f, loss = jax.lax.cond(f_on, fwd, lambda: (zeros_h, zeros_h, f32(0)))
+            x_f, h_f, loss, aux, head_aux = jax.lax.cond(
+                f_on, fwd, lambda: (zeros_h, zeros_h, f32(0), zeros_of(aux_s), zeros_of(aux_h)))
             x_buf = _put(x_buf, fp, jnp.where(f_on & ffirst, fk, slots), x_f)
             g_buf = _put(g_buf, fp, jnp.where(f_on & flast, fk, slots), h_f)
 
@@ -249,7 +262,7 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
             need_x = jnp.where(bfirst, need_w, (kind == _BK["B"]) | (kind == _BK["b"]))
 
             def head_vjp():
-                _, vjp = jax.vjp(lambda e, h: f32(model.head(e, h, inp_b)), edge, g_buf[bp, bk])
+                _, vjp = jax.vjp(lambda e, h: head_fn(e, h, inp_b), edge, g_buf[bp, bk])
                 return vjp(inv_m)
 
             de_head, g_out = jax.lax.cond((kind > 0) & blast, head_vjp, lambda: (zero_e, g_buf[bp, bk]))
@@ -259,11 +272,11 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
             def stage_vjp(wrt_x: bool, wrt_w: bool):
                 def run():
                     if wrt_x and wrt_w:
-                        _, vjp = jax.vjp(lambda p, x: model.stage(p, x), sp, x_in)
+                        _, vjp = jax.vjp(stage_fn, sp, x_in)
                         return vjp(cot)
                     if wrt_x:
-                        return zero_p, jax.vjp(lambda x: model.stage(sp, x), x_in)[1](cot)[0]
-                    return jax.vjp(lambda p: model.stage(p, x_in), sp)[1](cot)[0], zeros_h
+                        return zero_p, jax.vjp(lambda x: stage_fn(sp, x), x_in)[1](cot)[0]
+                    return jax.vjp(lambda p: stage_fn(p, x_in), sp)[1](cot)[0], zeros_h
                 return run
 
             branches = (lambda: (zero_p, zeros_h), stage_vjp(True, False), stage_vjp(False, True),
@@ -299,23 +312,28 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
             for (vals, meta), ok in arrivals:  # a rank without that neighbour receives zeros: discard them
                 x_buf = _put(x_buf, meta[0, 0], jnp.where(ok, meta[0, 1], slots), vals[0])
                 g_buf = _put(g_buf, meta[1, 0], jnp.where(ok, meta[1, 1], slots), vals[1])
-            return dict(x=x_buf, g=g_buf, gp=gp, ge=ge, loss=c["loss"] + loss * inv_m), None
+            sa = jax.tree.map(lambda acc, a: acc.at[fp].add(a), c["sa"], aux)
+            ha = jax.tree.map(jnp.add, c["ha"], head_aux)
+            return dict(x=x_buf, g=g_buf, gp=gp, ge=ge, loss=c["loss"] + loss * inv_m, sa=sa, ha=ha), None
 
         c, _ = jax.lax.scan(tick, carry, table)
-        return (jax.lax.psum(c["loss"], axis), jax.tree.map(lambda a: a[None], c["gp"]),
-                jax.lax.psum(c["ge"], axis))
+        return (jax.lax.psum(c["loss"], axis), jax.tree.map(lambda a: a[None], (c["gp"], c["sa"])),
+                jax.lax.psum((c["ge"], c["ha"]), axis))
 
     specs_local = jax.tree.map(lambda _: P(axis), local)
     specs_edge = jax.tree.map(lambda _: P(), edge_params)
     specs_in = jax.tree.map(lambda _: P(), inputs)
-    loss, g_local, g_edge = jax.shard_map(
+    specs_sa, specs_ha = jax.tree.map(lambda _: P(axis), aux_s), jax.tree.map(lambda _: P(), aux_h)
+    loss, (g_local, aux_local), (g_edge, aux_head) = jax.shard_map(
         per_rank, mesh=mesh, in_specs=(P(axis), specs_local, specs_edge, specs_in),
-        out_specs=(P(), specs_local, specs_edge), check_vma=False)(table, local, edge_params, inputs)
+        out_specs=(P(), (specs_local, specs_sa), (specs_edge, specs_ha)), check_vma=False)(
+            table, local, edge_params, inputs)
     flat_idx = stage_index.reshape(-1)
-    g_stage = jax.tree.map(
-        lambda g: jnp.zeros((num_stages,) + g.shape[2:], g.dtype).at[flat_idx].add(g.reshape((-1,) + g.shape[2:])),
-        g_local)
-    return loss, (g_stage, g_edge)
+
+    def per_stage(g):  # [ranks, phases, ...] -> [stages, ...], summing a stage's copies
+        return jnp.zeros((num_stages,) + g.shape[2:], g.dtype).at[flat_idx].add(g.reshape((-1,) + g.shape[2:]))
+
+    return loss, (jax.tree.map(per_stage, g_local), g_edge), (jax.tree.map(per_stage, aux_local), aux_head)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +388,7 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         layers = nnx.merge(moe_graphdef, sp["params"], jax.lax.stop_gradient(sp["bias"]))
         cos, sin, mask = rope(h.shape[1], h.shape[0])
         h, aux = scan_layers(layers, lambda layer, h: body(layer, h, cos, sin, mask), h, remat=remat)
-        return h, balance_alpha * jnp.sum(aux.balance)
+        return h, balance_alpha * jnp.sum(aux.balance), aux.counts_E
 
     def head(edge, h, inp):
         window, mtp_weight = inp
@@ -378,11 +396,13 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         tokens = window[:, :-1]
         hidden = tm.norm(h)
         loss = cross_entropy(tm.output_head(hidden), window[:, 1:])
+        counts = jnp.zeros((0,), jnp.int32)
         if tm.mtp is not None:
             cos, sin, mask = rope(tokens.shape[1], tokens.shape[0])
-            mtp_logits, _, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat)
+            mtp_logits, mtp_counts, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat)
             loss = loss + mtp_weight * mtp_loss(mtp_logits, window) + balance_alpha * mtp_balance
-        return loss
+            counts = counts if mtp_counts is None else mtp_counts
+        return loss, counts
 
     return PipelineModel(embed, stage, head)
 
@@ -417,11 +437,12 @@ def merge_transformer_grads(stage_grads, edge_grads):
 def pipeline_train_loss_and_grads(graphdef, params, bias, windows_MBS, schedule: Schedule, mesh, *,
                                   mtp_weight: float = 0.3, balance_alpha: float = 1e-4, remat: str = "none",
                                   axis: str = "pp", pad_to: tuple[int, int, int] | None = None):
-    """(loss, grads like params) of train/step.py's loss averaged over the M micro-batches of windows_MBS
-    [M, B, T+1], computed by `schedule` over mesh axis `axis` (the pipelined form of step.py's micro-batch scan)."""
+    """(loss, grads like params, expert_counts [L_moe, E], mtp_expert_counts [D, E]) of train/step.py's loss
+    averaged over the M micro-batches of windows_MBS [M, B, T+1], computed by `schedule` over mesh axis `axis`
+    (the pipelined form of step.py's micro-batch scan; counts summed over micro-batches, for the bias update)."""
     model = transformer_pipeline(graphdef, params, bias, schedule.num_stages, balance_alpha, remat)
     stage, edge = split_transformer(params, bias, schedule.num_stages)
     weights = jnp.full((windows_MBS.shape[0],), mtp_weight, jnp.float32)
-    loss, (gs, ge) = pipeline_value_and_grad(model, schedule, mesh, stage, edge, (windows_MBS, weights), axis=axis,
-                                             pad_to=pad_to)
-    return loss, merge_transformer_grads(gs, ge)
+    loss, (gs, ge), (counts, mtp_counts) = pipeline_value_and_grad(model, schedule, mesh, stage, edge,
+                                                                   (windows_MBS, weights), axis=axis, pad_to=pad_to)
+    return loss, merge_transformer_grads(gs, ge), counts.reshape((-1,) + counts.shape[2:]), mtp_counts

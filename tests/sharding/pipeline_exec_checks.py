@@ -11,12 +11,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
                            # the checks are numerical: cheaper LLVM code generation halves the compile time
                            " --xla_backend_optimization_level=0")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)  # tiny programs: compile time dominates
 from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import get_preset  # noqa: E402
@@ -52,11 +55,11 @@ def mlp_embed(e, inp):
 
 
 def mlp_stage(p, h):
-    return h + jax.nn.gelu(h @ p["w1"]) @ p["w2"], 1e-3 * jnp.sum(p["w1"] ** 2)
+    return h + jax.nn.gelu(h @ p["w1"]) @ p["w2"], 1e-3 * jnp.sum(p["w1"] ** 2), ()
 
 
 def mlp_head(e, h, inp):
-    return jnp.mean((h @ e["w_out"] - inp[1]) ** 2)
+    return jnp.mean((h @ e["w_out"] - inp[1]) ** 2), ()
 
 
 MLP = PipelineModel(mlp_embed, mlp_stage, mlp_head)
@@ -71,9 +74,9 @@ def mlp_reference(sp, ep, inputs, stages, m):
             inp = jax.tree.map(lambda a: a[i], inputs)
             h, terms = mlp_embed(ep, inp), 0.0
             for s in range(stages):
-                h, t = mlp_stage(jax.tree.map(lambda a: a[s], sp), h)
+                h, t, _ = mlp_stage(jax.tree.map(lambda a: a[s], sp), h)
                 terms += t
-            total += terms + mlp_head(ep, h, inp)
+            total += terms + mlp_head(ep, h, inp)[0]
         return total / m
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(sp, ep)
@@ -93,7 +96,7 @@ def mlp_checks(out):
         schedules = [make_schedule(name, pp, m) for name, pp in group]
         pad = shared_pad(schedules)
         for s in schedules:
-            loss, grads = pipeline_value_and_grad(MLP, s, mesh_of(s.ranks), params[s.num_stages], ep, inputs,
+            loss, grads, _ = pipeline_value_and_grad(MLP, s, mesh_of(s.ranks), params[s.num_stages], ep, inputs,
                                                   pad_to=pad)
             ref_loss, ref_grads = refs[s.num_stages]
             out["mlp"].append(dict(schedule=s.name, pp=s.ranks, stages=s.num_stages, loss=float(loss),
@@ -108,23 +111,27 @@ def transformer_checks(out):
     windows = jax.random.randint(jax.random.key(1), (m, 2, 9), 0, cfg.vocab_size)
 
     @jax.jit
-    @jax.value_and_grad
+    @functools.partial(jax.value_and_grad, has_aux=True)
     def one(params, window):
         o = nnx.merge(graphdef, params, bias).forward(window[:, :-1])
         return (cross_entropy(o.logits, window[:, 1:]) + mtp_weight * mtp_loss(o.mtp_logits, window)
-                + alpha * (o.balance + o.mtp_balance))
+                + alpha * (o.balance + o.mtp_balance)), (o.expert_counts, o.mtp_expert_counts)
 
     per_mb = [one(params, w) for w in windows]
-    ref_loss = sum(v for v, _ in per_mb) / m
+    ref_loss = sum(v for (v, _), _ in per_mb) / m
     ref_grads = jax.tree.map(lambda *g: sum(g) / m, *[g for _, g in per_mb])
+    ref_counts = [sum(c[i] for (_, c), _ in per_mb) for i in (0, 1)]
     for pp in (2, 4):
         schedules = [make_schedule(name, pp, m) for name in ("1f1b", "zb1p", "dualpipe")]
         pad = shared_pad(schedules)
         for s in schedules:
-            loss, grads = pipeline_train_loss_and_grads(graphdef, params, bias, windows, s, mesh_of(pp),
-                                                        mtp_weight=mtp_weight, balance_alpha=alpha, pad_to=pad)
-            out["transformer"].append(dict(schedule=s.name, pp=pp, loss=float(loss), ref_loss=float(ref_loss),
-                                           grad_err=grad_error(grads, ref_grads)))
+            loss, grads, counts, mtp_counts = pipeline_train_loss_and_grads(
+                graphdef, params, bias, windows, s, mesh_of(pp), mtp_weight=mtp_weight, balance_alpha=alpha,
+                pad_to=pad)
+            out["transformer"].append(dict(
+                schedule=s.name, pp=pp, loss=float(loss), ref_loss=float(ref_loss),
+                grad_err=grad_error(grads, ref_grads), counts=counts.tolist(), ref_counts=ref_counts[0].tolist(),
+                mtp_counts=mtp_counts.tolist(), ref_mtp_counts=ref_counts[1].tolist()))
     try:
         transformer_pipeline(graphdef, params, bias, 3)
     except ValueError as e:

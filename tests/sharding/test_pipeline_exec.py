@@ -46,6 +46,9 @@ def test_transformer_matches_single_device_grad(results):
     for key, r in rows.items():
         assert abs(r["loss"] - r["ref_loss"]) <= TOL * abs(r["ref_loss"]), key
         assert r["grad_err"] <= TOL, key
+        # expert counts for the bias update, summed over micro-batches, as the single-device forward routes
+        assert r["counts"] == r["ref_counts"] and r["mtp_counts"] == r["ref_mtp_counts"], key
+        assert len(r["counts"]) == 4 and sum(map(sum, r["counts"])) == 4 * 8 * 2 * 8 * 2  # L * M * B * T * K
 
 
 def test_bad_input_raises(results):
