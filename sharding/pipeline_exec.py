@@ -1,0 +1,448 @@
+"""Pipeline executor: runs a schedule of sharding/pipeline.py over the 'pp' axis of a mesh (paper §3.2.1).
+
+Stage parameters are stacked on a leading stage axis; each rank gets the stages its schedule places on it
+(DualPipe: r and PP-1-r, so every stage is held twice and its two gradients are summed; DualPipeV: r and 2n-1-r)
+as a [ranks, phases, ...] array sharded over 'pp'. The edge parameters (embedding, head, ...) are replicated;
+the ranks that hold the first or last stage use them and their gradients are summed over 'pp'. So with DualPipe
+rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them.
+
+Execution is SPMD inside `jax.shard_map`: the per-rank op lists become a static tick table (list scheduling with
+unit cost per op, every dependency one tick earlier), and a `lax.scan` over ticks runs, on every rank, a forward
+lane (F or nothing) and a backward lane (B, b, W or nothing); an overlapped pair [F&B] uses both lanes in one tick.
+After each tick the outputs move to their neighbours with two `ppermute`s (right, left); DualPipeV's turn on its
+last rank is a local copy. Every rank keeps each micro-batch's stage input and output-gradient; B, b and W
+recompute the stage forward inside `jax.vjp` from the saved input (b differentiates with respect to the input
+only, W with respect to the parameters only, from the saved (input, output-grad) pair).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+
+from dsv3_jax.losses import cross_entropy, mtp_loss
+from dsv3_jax.model.params import ExpertBias, scan_layers
+from dsv3_jax.model.rope import rope_cos_sin
+from dsv3_jax.model.transformer import causal_mask
+from sharding.pipeline import Schedule
+
+_NONE, _RIGHT, _LEFT, _LOCAL = 0, 1, 2, 3
+_BK = {"B": 1, "b": 2, "W": 3}
+# tick-table columns: forward lane, then backward lane (kind 0 = idle)
+_F_ON, _F_PH, _F_K, _F_M, _F_FIRST, _F_LAST, _F_DEST, _F_DPH = range(8)
+_B_KIND, _B_PH, _B_K, _B_M, _B_FIRST, _B_LAST, _B_DEST, _B_DPH = range(8, 16)
+_COLS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineModel:
+    """A model cut into identical stages plus edges, as pure functions.
+
+    embed(edge_params, inputs_m) -> h                before the first stage (inputs_m: one micro-batch of `inputs`)
+    stage(stage_params, h) -> (h, loss_term, aux)    one stage; loss_term (scalar) is added to the micro-batch's
+                                                     loss; aux (any pytree, e.g. expert counts) is summed over
+                                                     micro-batches, not differentiated
+    head(edge_params, h, inputs_m) -> (loss, aux)    after the last stage: the micro-batch's loss (scalar)
+
+    The loss differentiated is the mean over micro-batches of (head loss + every stage's loss_term).
+    """
+
+    embed: Callable[[Any, Any], jax.Array]
+    stage: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    head: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """(table [ranks, ticks, 16] int32, stage_index [ranks, phases] int32): each op's tick from list scheduling
+    with unit costs, where an op runs at least one tick after its dependencies and after the rank's previous op."""
+    ops = schedule.resolved()
+    last = schedule.num_stages - 1
+    where: dict[tuple[int, int], tuple[int, int]] = {}  # (chain, stage) -> (rank, phase)
+    for r, phases in enumerate(schedule.place):
+        for p, cs in enumerate(phases):
+            where[cs] = (r, p)
+    phases = len(schedule.place[0])
+    if any(len(ph) != phases for ph in schedule.place):
+        raise ValueError(f"{schedule.name}: every rank must hold the same number of stages")
+    per_chain = schedule.per_chain
+
+    def deps(kind, chain, stage, m):
+        if kind == "F":
+            return [("F", chain, stage - 1, m)] if stage > 0 else []
+        if kind in "Bb":
+            return [("F", chain, stage, m)] + ([("Bb", chain, stage + 1, m)] if stage < last else [])
+        return [("b", chain, stage, m)]
+
+    tick: dict[tuple, int] = {}
+    pos = [0] * schedule.ranks
+    nxt = [0] * schedule.ranks
+    left = sum(map(len, ops))
+    while left:
+        moved = False
+        for r in range(schedule.ranks):
+            while pos[r] < len(ops[r]):
+                op = ops[r][pos[r]]
+                t = nxt[r]
+                for kind, chain, stage, m in op:
+                    for kinds, c2, s2, m2 in deps(kind, chain, stage, m):
+                        hit = [tick[(k, c2, s2, m2)] for k in kinds if (k, c2, s2, m2) in tick]
+                        if not hit:
+                            break
+                        t = max(t, hit[0] + 1)
+                    else:
+                        continue
+                    break
+                else:
+                    for chunk in op:
+                        tick[chunk] = t
+                    nxt[r] = t + 1
+                    pos[r] += 1
+                    left -= 1
+                    moved = True
+                    continue
+                break
+        if not moved:
+            raise ValueError(f"{schedule.name}: schedule deadlocks")
+    n_ticks = max(nxt)
+    table = np.zeros((schedule.ranks, n_ticks, _COLS), np.int32)
+
+    def dest(r, chain, stage, step):
+        s2 = stage + step
+        if s2 < 0 or s2 > last:
+            return _NONE, 0
+        r2, p2 = where[(chain, s2)]
+        if abs(r2 - r) > 1:
+            raise ValueError(f"{schedule.name}: stages {stage} and {s2} sit on ranks {r} and {r2}; the executor "
+                             "only sends to neighbouring ranks")
+        return {1: _RIGHT, -1: _LEFT, 0: _LOCAL}[r2 - r], p2
+
+    for (kind, chain, stage, m), t in tick.items():
+        r, p = where[(chain, stage)]
+        k = m - chain * per_chain
+        first, is_last = int(stage == 0), int(stage == last)
+        if kind == "F":
+            row = table[r, t, :8]
+            if row[_F_ON]:
+                raise ValueError(f"{schedule.name}: two forwards on rank {r} at tick {t}")
+            row[:] = (1, p, k, m, first, is_last) + dest(r, chain, stage, 1)
+        else:
+            row = table[r, t, 8:]
+            if row[0]:
+                raise ValueError(f"{schedule.name}: two backward chunks on rank {r} at tick {t}")
+            d = dest(r, chain, stage, -1) if kind in "Bb" else (_NONE, 0)
+            row[:] = (_BK[kind], p, k, m, first, is_last) + d
+    stage_index = np.array([[s for _, s in ph] for ph in schedule.place], np.int32)
+    return table, stage_index
+
+
+def _take(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _put(buf, i, j, value):
+    """buf[i, j] = value for a [P, C, ...] buffer."""
+    return jax.lax.dynamic_update_slice(buf, value[None, None].astype(buf.dtype), (i, j) + (0,) * value.ndim)
+
+
+def program_shape(schedule: Schedule) -> tuple[int, int, int]:
+    """(ticks, stages per rank, micro-batch slots per stage) of the compiled program that runs `schedule`."""
+    table, stage_index = tick_table(schedule)
+    return table.shape[1], stage_index.shape[1], schedule.per_chain
+
+
+def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.sharding.Mesh, stage_params,
+                            edge_params, inputs, *, axis: str = "pp", pad_to: tuple[int, int, int] | None = None):
+    """(loss, (stage_grads, edge_grads), (stage_aux, head_aux)) of the mean micro-batch loss, run as `schedule`
+    over mesh axis `axis`; the aux outputs are summed over micro-batches (stage_aux with a leading stage axis).
+
+    stage_params: pytree whose leaves have a leading axis of schedule.num_stages; edge_params: any pytree;
+    inputs: pytree whose leaves have a leading axis of schedule.microbatches (one entry per micro-batch; DualPipe
+    sends micro-batches 0..M/2-1 forward from rank 0 and M/2..M-1 the other way). The hidden state passed between
+    stages must have the same shape and dtype at every stage boundary. `pad_to` = (ticks, stages per rank, slots),
+    each at least `program_shape(schedule)`'s, pads the program (idle ticks, an unused stage copy, unused buffer
+    slots) so that schedules of different shapes share one compiled program.
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r} (axes: {tuple(mesh.shape)})")
+    if mesh.shape[axis] != schedule.ranks:
+        raise ValueError(f"schedule {schedule.name} is for {schedule.ranks} ranks but mesh axis {axis!r} has "
+                         f"{mesh.shape[axis]} devices")
+    for leaf in jax.tree.leaves(stage_params):
+        if leaf.shape[:1] != (schedule.num_stages,):
+            raise ValueError(f"stage_params leaves need a leading axis of {schedule.num_stages} stages, got shape "
+                             f"{leaf.shape}")
+    for leaf in jax.tree.leaves(inputs):
+        if leaf.shape[:1] != (schedule.microbatches,):
+            raise ValueError(f"inputs leaves need a leading axis of {schedule.microbatches} micro-batches, got "
+                             f"shape {leaf.shape}")
+    table, stage_index = tick_table(schedule)
+    need = (table.shape[1], stage_index.shape[1], schedule.per_chain)
+    ticks, phases, slots = need if pad_to is None else pad_to
+    if ticks < need[0] or phases < need[1] or slots < need[2]:
+        raise ValueError(f"pad_to {pad_to} is smaller than what {schedule.name} needs: (ticks, stages per rank, "
+                         f"slots) = {need}")
+    table = np.pad(table, ((0, 0), (0, ticks - need[0]), (0, 0)))
+    stage_index = np.concatenate([stage_index] + [stage_index[:, :1]] * (phases - need[1]), axis=1)
+    # an Auto-typed view of the mesh: the executor only names the pipeline axis, inside its shard_map
+    mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    run = _compiled(model, mesh, axis, slots, schedule.microbatches)
+    return run(jnp.asarray(table), jnp.asarray(stage_index), stage_params, edge_params, inputs)
+
+
+_CACHE: dict = {}
+
+
+def _compiled(model: PipelineModel, mesh, axis: str, slots: int, microbatches: int):
+    key = (model, mesh, axis, slots, microbatches)
+    if key not in _CACHE:
+        _CACHE[key] = jax.jit(lambda *a: _run(model, mesh, axis, slots, microbatches, *a))
+    return _CACHE[key]
+
+
+def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_index, stage_params, edge_params,
+         inputs):
+    ranks, phases = stage_index.shape
+    num_stages = jax.tree.leaves(stage_params)[0].shape[0]
+    local = jax.tree.map(lambda a: a[stage_index], stage_params)  # [ranks, phases, ...], sharded over `axis`
+    inv_m = jnp.float32(1.0 / microbatches)
+    x0 = jax.eval_shape(model.embed, edge_params, _take(inputs, 0))
+    h_shape, _, aux_s = jax.eval_shape(model.stage, _take(stage_params, 0), x0)
+    _, aux_h = jax.eval_shape(model.head, edge_params, x0, _take(inputs, 0))
+    stage_fn = lambda p, x: model.stage(p, x)[:2]  # noqa: E731
+    head_fn = lambda e, h, inp: jnp.asarray(model.head(e, h, inp)[0], jnp.float32)  # noqa: E731
+    zeros_of = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
+    if (h_shape.shape, h_shape.dtype) != (x0.shape, x0.dtype):
+        raise ValueError(f"stage output {h_shape} differs from the stage input {x0.shape} {x0.dtype}; the pipeline "
+                         "needs one hidden shape at every stage boundary")
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+
+    def per_rank(table, local, edge, inputs):
+        table, local = table[0], jax.tree.map(lambda a: a[0], local)
+        zeros_h = jnp.zeros(x0.shape, x0.dtype)
+        zero_e = jax.tree.map(jnp.zeros_like, edge)
+        # x[p, k]: stage input of micro-batch k (the embedding output on the first stage); g[p, k]: its output
+        # gradient, or on the last stage its output (the head's input). Slot `slots` is a discard slot.
+        buf = jnp.zeros((phases, slots + 1) + x0.shape, x0.dtype)
+        carry = dict(x=buf, g=buf, gp=jax.tree.map(jnp.zeros_like, local), ge=zero_e,
+                     loss=jnp.zeros((), jnp.float32),
+                     sa=jax.tree.map(lambda a: jnp.zeros((phases,) + a.shape, a.dtype), aux_s), ha=zeros_of(aux_h))
+
+        def tick(c, row):
+            x_buf, g_buf = c["x"], c["g"]
+            # ---- forward lane: [embed] -> stage -> [head + loss]
+            fp, fk, fm = row[_F_PH], row[_F_K], row[_F_M]
+            f_on, ffirst, flast = row[_F_ON] == 1, row[_F_FIRST] == 1, row[_F_LAST] == 1
+            inp = _take(inputs, fm)
+
+            def fwd():
+                x = jax.lax.cond(ffirst, lambda: model.embed(edge, inp).astype(x0.dtype), lambda: x_buf[fp, fk])
+                h, term, aux = model.stage(_take(local, fp), x)
+                loss, head_aux = jax.lax.cond(flast, lambda: (lambda o: (f32(o[0]), o[1]))(model.head(edge, h, inp)),
+                                              lambda: (f32(0), zeros_of(aux_h)))
+                return x, h, f32(term) + loss, aux, head_aux
+
+            x_f, h_f, loss, aux, head_aux = jax.lax.cond(
+                f_on, fwd, lambda: (zeros_h, zeros_h, f32(0), zeros_of(aux_s), zeros_of(aux_h)))
+            x_buf = _put(x_buf, fp, jnp.where(f_on & ffirst, fk, slots), x_f)
+            g_buf = _put(g_buf, fp, jnp.where(f_on & flast, fk, slots), h_f)
+
+            # ---- backward lane: [head vjp] -> stage vjp (input and/or weights) -> [embed vjp]
+            kind, bp, bk, bm = row[_B_KIND], row[_B_PH], row[_B_K], row[_B_M]
+            bfirst, blast = row[_B_FIRST] == 1, row[_B_LAST] == 1
+            inp_b, sp = _take(inputs, bm), _take(local, bp)
+            need_w = (kind == _BK["B"]) | (kind == _BK["W"])
+            # the first stage has no input gradient to send; its W needs one for the embedding's weights
+            need_x = jnp.where(bfirst, need_w, (kind == _BK["B"]) | (kind == _BK["b"]))
+
+            def head_vjp():
+                _, vjp = jax.vjp(lambda e, h: head_fn(e, h, inp_b), edge, g_buf[bp, bk])
+                return vjp(inv_m)
+
+            de_head, g_out = jax.lax.cond((kind > 0) & blast, head_vjp, lambda: (zero_e, g_buf[bp, bk]))
+            x_in, cot = x_buf[bp, bk], (g_out, inv_m)
+            zero_p = jax.tree.map(jnp.zeros_like, sp)
+
+            def stage_vjp(wrt_x: bool, wrt_w: bool):
+                def run():
+                    if wrt_x and wrt_w:
+                        _, vjp = jax.vjp(stage_fn, sp, x_in)
+                        return vjp(cot)
+                    if wrt_x:
+                        return zero_p, jax.vjp(lambda x: stage_fn(sp, x), x_in)[1](cot)[0]
+                    return jax.vjp(lambda p: stage_fn(p, x_in), sp)[1](cot)[0], zeros_h
+                return run
+
+            branches = (lambda: (zero_p, zeros_h), stage_vjp(True, False), stage_vjp(False, True),
+                        stage_vjp(True, True))
+            dp, dx = jax.lax.switch(need_x.astype(jnp.int32) + 2 * need_w.astype(jnp.int32), branches)
+
+            def embed_vjp():
+                _, vjp = jax.vjp(lambda e: model.embed(e, inp_b).astype(x0.dtype), edge)
+                return vjp(dx)[0]
+
+            de_embed = jax.lax.cond(need_w & bfirst, embed_vjp, lambda: zero_e)
+            gp = jax.tree.map(lambda acc, d: acc.at[bp].add(d), c["gp"], dp)
+            ge = jax.tree.map(lambda acc, a, b: acc + jnp.where(need_w, a, 0) + b, c["ge"], de_head, de_embed)
+
+            # ---- sends: slot 0 = forward activation, slot 1 = backward gradient
+            def lane(value, dest, dph, k, want):
+                ok = dest == want
+                return jnp.where(ok, value, jnp.zeros_like(value)), jnp.stack([jnp.where(ok, dph, 0),
+                                                                               jnp.where(ok, k, slots)])
+
+            msgs = {}
+            for d in (_RIGHT, _LEFT, _LOCAL):
+                (fv, fm_), (bv, bm_) = lane(h_f, row[_F_DEST], row[_F_DPH], fk, d), lane(
+                    dx, row[_B_DEST], row[_B_DPH], bk, d)
+                msgs[d] = (jnp.stack([fv, bv]), jnp.stack([fm_, bm_]))
+            r = jax.lax.axis_index(axis)
+            arrivals = [(msgs[_LOCAL], True)]
+            if ranks > 1:
+                arrivals.append((jax.lax.ppermute(msgs[_RIGHT], axis, [(i, i + 1) for i in range(ranks - 1)]),
+                                 r > 0))
+                arrivals.append((jax.lax.ppermute(msgs[_LEFT], axis, [(i + 1, i) for i in range(ranks - 1)]),
+                                 r < ranks - 1))
+            for (vals, meta), ok in arrivals:  # a rank without that neighbour receives zeros: discard them
+                x_buf = _put(x_buf, meta[0, 0], jnp.where(ok, meta[0, 1], slots), vals[0])
+                g_buf = _put(g_buf, meta[1, 0], jnp.where(ok, meta[1, 1], slots), vals[1])
+            sa = jax.tree.map(lambda acc, a: acc.at[fp].add(a), c["sa"], aux)
+            ha = jax.tree.map(jnp.add, c["ha"], head_aux)
+            return dict(x=x_buf, g=g_buf, gp=gp, ge=ge, loss=c["loss"] + loss * inv_m, sa=sa, ha=ha), None
+
+        c, _ = jax.lax.scan(tick, carry, table)
+        return (jax.lax.psum(c["loss"], axis), jax.tree.map(lambda a: a[None], (c["gp"], c["sa"])),
+                jax.lax.psum((c["ge"], c["ha"]), axis))
+
+    specs_local = jax.tree.map(lambda _: P(axis), local)
+    specs_edge = jax.tree.map(lambda _: P(), edge_params)
+    specs_in = jax.tree.map(lambda _: P(), inputs)
+    specs_sa, specs_ha = jax.tree.map(lambda _: P(axis), aux_s), jax.tree.map(lambda _: P(), aux_h)
+    loss, (g_local, aux_local), (g_edge, aux_head) = jax.shard_map(
+        per_rank, mesh=mesh, in_specs=(P(axis), specs_local, specs_edge, specs_in),
+        out_specs=(P(), (specs_local, specs_sa), (specs_edge, specs_ha)), check_vma=False)(
+            table, local, edge_params, inputs)
+    flat_idx = stage_index.reshape(-1)
+
+    def per_stage(g):  # [ranks, phases, ...] -> [stages, ...], summing a stage's copies
+        return jnp.zeros((num_stages,) + g.shape[2:], g.dtype).at[flat_idx].add(g.reshape((-1,) + g.shape[2:]))
+
+    return loss, (jax.tree.map(per_stage, g_local), g_edge), (jax.tree.map(per_stage, aux_local), aux_head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DeepSeek-V3 transformer as a pipeline
+
+
+def _is_moe_path(path) -> bool:
+    return getattr(path[0], "key", None) == "moe_layers"
+
+
+def transformer_pipeline(graphdef, params, bias, num_stages: int, balance_alpha: float = 1e-4,
+                         remat: str = "none") -> PipelineModel:
+    """PipelineModel of train/step.py's loss (CE + lambda MTP + alpha Bal) for split_model's (graphdef, params,
+    bias), cut into `num_stages` stages.
+
+    Stage s runs MoE layers [s L/S, (s+1) L/S); the first stage's edge runs the embedding and the dense layers,
+    the last stage's edge the final norm, head and the MTP modules. Parameters enter as produced by
+    `split_transformer`; inputs per micro-batch are (window [B, T+1] int32, mtp_weight float32).
+    """
+    model = nnx.merge(graphdef, params, bias)
+    cfg = model.config
+    if cfg.num_moe_layers == 0 or cfg.num_moe_layers % num_stages:
+        raise ValueError(f"the {cfg.num_moe_layers} MoE layers do not split into {num_stages} equal pipeline stages "
+                         f"(the {cfg.num_dense_layers} dense layers run with the embedding on the first stage)")
+    moe_graphdef = nnx.split(model.moe_layers, nnx.Param, ExpertBias)[0]
+    return _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha, remat)
+
+
+@functools.lru_cache(maxsize=16)
+def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, remat: str) -> PipelineModel:
+
+    def rope(t, b):
+        cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), cfg)
+        return cos, sin, causal_mask(t)
+
+    def body(layer, h, cos, sin, mask):
+        return layer(h, cos, sin, mask)
+
+    def edge_model(edge):
+        return nnx.merge(graphdef, edge["params"], jax.lax.stop_gradient(edge["bias"]))
+
+    def embed(edge, inp):
+        window, _ = inp
+        tm = edge_model(edge)
+        tokens = window[:, :-1]
+        cos, sin, mask = rope(tokens.shape[1], tokens.shape[0])
+        h, _ = scan_layers(tm.dense_layers, lambda layer, h: body(layer, h, cos, sin, mask), tm.embed_tokens(tokens),
+                           remat=remat)
+        return h
+
+    def stage(sp, h):
+        layers = nnx.merge(moe_graphdef, sp["params"], jax.lax.stop_gradient(sp["bias"]))
+        cos, sin, mask = rope(h.shape[1], h.shape[0])
+        h, aux = scan_layers(layers, lambda layer, h: body(layer, h, cos, sin, mask), h, remat=remat)
+        return h, balance_alpha * jnp.sum(aux.balance), aux.counts_E
+
+    def head(edge, h, inp):
+        window, mtp_weight = inp
+        tm = edge_model(edge)
+        tokens = window[:, :-1]
+        hidden = tm.norm(h)
+        loss = cross_entropy(tm.output_head(hidden), window[:, 1:])
+        counts = jnp.zeros((0,), jnp.int32)
+        if tm.mtp is not None:
+            cos, sin, mask = rope(tokens.shape[1], tokens.shape[0])
+            mtp_logits, mtp_counts, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat)
+            loss = loss + mtp_weight * mtp_loss(mtp_logits, window) + balance_alpha * mtp_balance
+            counts = counts if mtp_counts is None else mtp_counts
+        return loss, counts
+
+    return PipelineModel(embed, stage, head)
+
+
+def split_transformer(params, bias, num_stages: int):
+    """(stage_params [S, L_moe/S, ...], edge_params) from split_model's params and bias: the MoE stack cut into
+    stages, everything else (MoE leaves emptied to 0 layers) as the edges."""
+    def cut(a):
+        return a.reshape((num_stages, a.shape[0] // num_stages) + a.shape[1:])
+
+    stage = {"params": jax.tree.map(cut, params["moe_layers"]), "bias": jax.tree.map(cut, bias["moe_layers"])
+             if "moe_layers" in bias else {}}
+    empty = lambda path, a: a[:0] if _is_moe_path(path) else a  # noqa: E731
+    edge = {"params": jax.tree_util.tree_map_with_path(empty, params),
+            "bias": jax.tree_util.tree_map_with_path(empty, bias)}
+    return stage, edge
+
+
+def merge_transformer_grads(stage_grads, edge_grads):
+    """Gradients shaped like split_model's params from the pipeline's (stage, edge) gradients."""
+    moe = iter(jax.tree.leaves(stage_grads["params"]))
+
+    def put(path, g):
+        if _is_moe_path(path):
+            s = next(moe)
+            return s.reshape((-1,) + s.shape[2:])
+        return g
+
+    return jax.tree_util.tree_map_with_path(put, edge_grads["params"])
+
+
+def pipeline_train_loss_and_grads(graphdef, params, bias, windows_MBS, schedule: Schedule, mesh, *,
+                                  mtp_weight: float = 0.3, balance_alpha: float = 1e-4, remat: str = "none",
+                                  axis: str = "pp", pad_to: tuple[int, int, int] | None = None):
+    """(loss, grads like params, expert_counts [L_moe, E], mtp_expert_counts [D, E]) of train/step.py's loss
+    averaged over the M micro-batches of windows_MBS [M, B, T+1], computed by `schedule` over mesh axis `axis`
+    (the pipelined form of step.py's micro-batch scan; counts summed over micro-batches, for the bias update)."""
+    model = transformer_pipeline(graphdef, params, bias, schedule.num_stages, balance_alpha, remat)
+    stage, edge = split_transformer(params, bias, schedule.num_stages)
+    weights = jnp.full((windows_MBS.shape[0],), mtp_weight, jnp.float32)
+    loss, (gs, ge), (counts, mtp_counts) = pipeline_value_and_grad(model, schedule, mesh, stage, edge,
+                                                                   (windows_MBS, weights), axis=axis, pad_to=pad_to)
+    return loss, merge_transformer_grads(gs, ge), counts.reshape((-1,) + counts.shape[2:]), mtp_counts
