@@ -121,6 +121,11 @@ def _fingerprint_device(x):
     return jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
+@jax.jit
+def _fingerprint_many(xs):
+    return [_fingerprint_device(x) for x in xs]
+
+
 def _fingerprint_host(x: np.ndarray) -> int:
     """The same sum as _fingerprint_device, in NumPy (uint32 arithmetic wraps mod 2**32), chunk by chunk."""
     words = _words(np.ascontiguousarray(x)).reshape(-1)
@@ -137,9 +142,11 @@ def _fingerprints(state) -> dict[str, str]:
     large ones are summed on their device (one compile per shape, no large copy)."""
     flat = _flatten(state)
     n_words = {name: int(np.prod(x.shape)) * (2 if x.dtype.itemsize == 8 else 1) for name, x in flat.items()}
-    # Leaves split over several processes cannot be copied to one host: summed on their devices too.
-    on_device = {name: _fingerprint_device(x) for name, x in flat.items()
-                 if n_words[name] >= _DEVICE_MIN_WORDS or not getattr(x, "is_fully_addressable", True)}
+    # Leaves split over several processes cannot be copied to one host: summed on their devices too, all in one
+    # program (CPU processes deadlock with several cross-process programs in flight at once).
+    big = [name for name, x in flat.items()
+           if n_words[name] >= _DEVICE_MIN_WORDS or not getattr(x, "is_fully_addressable", True)]
+    on_device = dict(zip(big, _fingerprint_many([flat[name] for name in big]))) if big else {}
     on_host = jax.device_get({name: x for name, x in flat.items() if name not in on_device})
     values = {name: _fingerprint_host(np.asarray(x)) for name, x in on_host.items()}
     values.update({name: int(v) for name, v in jax.device_get(on_device).items()})

@@ -224,7 +224,10 @@ def train(args: RunArgs) -> dict[str, Any]:
     main_process = jax.process_index() == 0
     workdir = pathlib.Path(args.workdir)
     ckpt_dir = workdir / "checkpoints"
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=args.keep)
+    # Several CPU processes save synchronously: gloo deadlocks when the background save's device work and the
+    # next step's collectives are in flight together.
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=args.keep,
+                        async_save=jax.process_count() == 1 or jax.default_backend() != "cpu")
     existing = ckpt.latest_step()
     if existing is not None and not args.resume:
         raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {existing}); pass --resume to continue "
