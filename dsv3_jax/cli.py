@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   resume=args.resume, stop_at=args.stop_at, save_every=args.save_every, keep=args.keep,
                   spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
                   prompt=args.prompt,
-                  sample_tokens=args.sample_tokens, progress=not args.no_progress)
+                  sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh)
     try:
         summary = train(run)
     except TrainingInterrupted:
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
     tr.add_argument("--sample-tokens", type=int, default=64)
     tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--mesh", help="device mesh, e.g. dp=2,ep=4 (axes pp, dp, ep, tp; sizes multiply to the device "
+                                   "count; default: every device on dp)")
     tr.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a released-format checkpoint or a training workdir")

@@ -9,7 +9,8 @@ biased scores with a bias, max without) and masks the other groups with -inf. Th
 renormalised when norm_topk_prob and scaled by routed_scaling_factor.
 
 Dropless: every (token, expert) pair is placed in an expert-sorted buffer and run through a grouped matmul; no
-capacity factor, no token is ever dropped.
+capacity factor, no token is ever dropped. Under a mesh with ep > 1 (jax.set_mesh) the routed experts run
+expert-parallel: sharding/expert_parallel.py, the same values.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, 
         return jax.lax.ragged_dot(x_PD, w_EDF, group_sizes_E)
     n_tiles = x_PD.shape[0] // tile
     ends = jnp.cumsum(group_sizes_E)
-    tile_expert = jnp.searchsorted(ends, jnp.arange(n_tiles) * tile, side="right")
+    # searchsorted(ends, starts, side="right") as a count: jnp.searchsorted fails inside shard_map (jax 0.10).
+    tile_expert = jnp.sum(ends[None, :] <= (jnp.arange(n_tiles) * tile)[:, None], axis=1)
     in_groups = jnp.arange(x_PD.shape[0]) < ends[-1]  # the tail past the last group multiplies nothing
     x_PD = jnp.where(in_groups[:, None], x_PD, 0)
     return _tiled_matmul(x_PD, w_EDF, jnp.minimum(tile_expert, w_EDF.shape[0] - 1).astype(jnp.int32))
@@ -201,6 +203,18 @@ class MoE(nnx.Module):
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(b * t, d)
         bias = None if self.expert_bias is None else self.expert_bias[...]
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("ep", 1) > 1:
+            # Expert parallelism over the mesh set by jax.set_mesh: all-to-all dispatch inside shard_map.
+            from sharding.expert_parallel import moe_expert_parallel
+            from sharding.rules import constrain
+
+            x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+            y, counts, balance = moe_expert_parallel(x_BTD, self.router[...], bias, self.w_gate[...],
+                                                     self.w_up[...], self.w_down[...], self.cfg, mesh)
+            if self.shared is not None:
+                y = y + self.shared(x_BTD)
+            return y, MoEAux(counts, balance)
         routing = route(x_TD, self.router[...], bias, self.cfg)
         y = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...]).reshape(b, t, d)
         if self.shared is not None:

@@ -12,7 +12,8 @@ Orbax does not detect silent corruption of array bytes (its zstd chunks carry no
 record (key "_checkpoint") with the step and a per-leaf uint32 fingerprint of the saved arrays, computed on the
 device; `restore` recomputes it. A newest checkpoint that cannot be read, whose arrays do not match the target's
 structure, shapes and dtypes, or whose fingerprint or step disagrees, is skipped with a warning for the previous one.
-Written for one process (one host): the directory housekeeping in `save` has no cross-host barriers.
+With several processes every process calls save/restore (orbax writes each array shard once); process 0 alone
+clears stale tmp directories; setting unrestorable steps aside has no cross-host barrier.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ def _fingerprint_device(x):
     return jnp.sum(words * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
+@jax.jit
+def _fingerprint_many(xs):
+    return [_fingerprint_device(x) for x in xs]
+
+
 def _fingerprint_host(x: np.ndarray) -> int:
     """The same sum as _fingerprint_device, in NumPy (uint32 arithmetic wraps mod 2**32), chunk by chunk."""
     words = _words(np.ascontiguousarray(x)).reshape(-1)
@@ -136,7 +142,11 @@ def _fingerprints(state) -> dict[str, str]:
     large ones are summed on their device (one compile per shape, no large copy)."""
     flat = _flatten(state)
     n_words = {name: int(np.prod(x.shape)) * (2 if x.dtype.itemsize == 8 else 1) for name, x in flat.items()}
-    on_device = {name: _fingerprint_device(x) for name, x in flat.items() if n_words[name] >= _DEVICE_MIN_WORDS}
+    # Leaves split over several processes cannot be copied to one host: summed on their devices too, all in one
+    # program (CPU processes deadlock with several cross-process programs in flight at once).
+    big = [name for name, x in flat.items()
+           if n_words[name] >= _DEVICE_MIN_WORDS or not getattr(x, "is_fully_addressable", True)]
+    on_device = dict(zip(big, _fingerprint_many([flat[name] for name in big]))) if big else {}
     on_host = jax.device_get({name: x for name, x in flat.items() if name not in on_device})
     values = {name: _fingerprint_host(np.asarray(x)) for name, x in on_host.items()}
     values.update({name: int(v) for name, v in jax.device_get(on_device).items()})
@@ -184,6 +194,20 @@ def _compare(saved: dict[str, Any], wanted: dict[str, jax.ShapeDtypeStruct]) -> 
     return "; ".join(problems) or None
 
 
+def _whole_shard_saves_on_cpu() -> None:
+    """On several CPU devices, orbax writes each replicated shard whole (once per process, idempotent)."""
+    global _whole_shards
+    if not _whole_shards and jax.default_backend() == "cpu" and jax.device_count() > 1:
+        # Replica-parallel saving slices every replicated shard with eager ops, one compile per slice shape:
+        # ~40 s on the first save of the tiny model over 8 CPU devices.
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        _whole_shards = True
+
+
+_whole_shards = False
+
+
 class Checkpointer:
     """Saves and restores (state, meta) per training step under `directory`; see the module docstring."""
 
@@ -194,6 +218,7 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"{self.directory}: checkpoint directory is a file, expected a directory")
+        _whole_shard_saves_on_cpu()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=False)
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
@@ -259,8 +284,9 @@ class Checkpointer:
     def _prepare_directory(self) -> None:
         """Creates the directory; on the first save drops stale tmp saves; sets unrestorable steps aside."""
         os.makedirs(self.directory, exist_ok=True)
-        if not self._saved_before:
-            # No save of ours is in flight yet, so every tmp directory here is left over from a crashed run.
+        if not self._saved_before and jax.process_index() == 0:
+            # No save of ours is in flight yet, so every tmp directory here is left over from a crashed run
+            # (process 0 only: with several processes the others wait for it inside orbax's save).
             for name in sorted(os.listdir(self.directory)):
                 if _TMP_MARK in name:
                     log.warning("%s: removing %s, an uncommitted save left by an earlier run", self.directory, name)

@@ -31,6 +31,8 @@ from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import (batch_size_schedule, bias_update_speed_schedule, lr_schedule, make_optimizer,
                                   mtp_weight_schedule)
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
+from sharding.rules import ZERO_MODES, batch_spec, train_state_shardings
 
 DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}  # the paper's 2.2e-4 is for the 671B model; small models take more
 
@@ -64,6 +66,8 @@ class RunArgs:
     prompt: str = "def "
     sample_tokens: int = 64
     progress: bool = True
+    mesh: str | None = None  # e.g. "dp=2,ep=4" (sharding/mesh.py); None: all devices on dp
+    zero: str = "zero1"  # "zero1": optimizer moments split over the data axes; "fsdp": parameters too
 
 
 class TrainingInterrupted(Exception):
@@ -85,29 +89,40 @@ def _validate(args: RunArgs) -> None:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.sample_tokens < 0:
         raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    if args.mesh is not None and parse_mesh_spec(args.mesh)["pp"] > 1:
+        raise ValueError(f"--mesh {args.mesh}: pipeline parallelism (pp > 1) runs through the pipeline executor, "
+                         "not this training step; use dp, ep and tp here")
+    if args.zero not in ZERO_MODES:
+        raise ValueError(f"zero must be one of {ZERO_MODES}, got {args.zero!r}")
 
 
 class _Log:
     """metrics.jsonl / events.jsonl appenders (line-buffered; a resumed run truncates lines past its step)."""
 
-    def __init__(self, workdir: pathlib.Path, start_step: int):
+    def __init__(self, workdir: pathlib.Path, start_step: int, enabled: bool = True):
         self.metrics_path = workdir / "metrics.jsonl"
         self.events_path = workdir / "events.jsonl"
-        _truncate_after(self.metrics_path, start_step)
-        self.metrics = open(self.metrics_path, "a", buffering=1)
-        self.events = open(self.events_path, "a", buffering=1)
+        self.enabled = enabled  # with several processes only process 0 writes
+        if enabled:
+            _truncate_after(self.metrics_path, start_step)
+            self.metrics = open(self.metrics_path, "a", buffering=1)
+            self.events = open(self.events_path, "a", buffering=1)
 
     def metric(self, row: dict) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
+        if self.enabled:
+            self.metrics.write(json.dumps(row) + "\n")
 
     def event(self, step: int, kind: str, **info) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, "event": kind, "time": time.time(), **info}
         self.events.write(json.dumps(row) + "\n")
         print(f"\n[step {step}] {kind}: {info}", file=sys.stderr)
 
     def close(self) -> None:
-        self.metrics.close()
-        self.events.close()
+        if self.enabled:
+            self.metrics.close()
+            self.events.close()
 
 
 def _truncate_after(path: pathlib.Path, step: int) -> None:
@@ -151,7 +166,34 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    """Shapes and dtypes, and the sharding of placed arrays (a restore lands where the state lives)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if isinstance(
+        a, jax.Array) else None), tree)
+
+
+def _place(tree, shardings):
+    """Host or single-device arrays (equal on every process) as global arrays laid out by `shardings`."""
+    def put(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def _to_host(tree):
+    """Full NumPy copies of (possibly sharded, multi-process) arrays on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _key_name(entry) -> str:
@@ -175,11 +217,17 @@ def unflat_state(flat: dict[str, Any], like):
 
 
 def train(args: RunArgs) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns a summary dict."""
+    """Run (or resume) a pretraining run; returns a summary dict. Under several processes (sharding.mesh.
+    initialize_distributed's environment) every process runs it; process 0 writes the logs."""
     _validate(args)
+    initialize_distributed()
+    main_process = jax.process_index() == 0
     workdir = pathlib.Path(args.workdir)
     ckpt_dir = workdir / "checkpoints"
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=args.keep)
+    # Several CPU processes save synchronously: gloo deadlocks when the background save's device work and the
+    # next step's collectives are in flight together.
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=args.keep,
+                        async_save=jax.process_count() == 1 or jax.default_backend() != "cpu")
     existing = ckpt.latest_step()
     if existing is not None and not args.resume:
         raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {existing}); pass --resume to continue "
@@ -197,11 +245,19 @@ def train(args: RunArgs) -> dict[str, Any]:
     peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
     micro = args.micro_batch or args.batch
 
+    # One device keeps the plain jit step; several (or an explicit --mesh) run over a mesh.
+    mesh = None if args.mesh is None and jax.device_count() == 1 else build_mesh(args.mesh, cfg, batch=micro)
+
     model = Transformer(cfg, nnx.Rngs(args.seed), precision)
     graphdef, params, bias = split_model(model)
     optimizer = make_optimizer(params, peak_lr, args.steps)
-    # committed to one device like restored arrays, so a restore does not trigger a recompile
-    state = jax.device_put(init_state(params, bias, optimizer), jax.devices()[0])
+    state = init_state(params, bias, optimizer)
+    if mesh is None:
+        # committed to one device like restored arrays, so a restore does not trigger a recompile
+        state, shardings = jax.device_put(state, jax.devices()[0]), None
+    else:
+        shardings = train_state_shardings(state, mesh, args.zero)
+        state = _place(state, shardings)
     del model, params, bias
 
     start, position, saved_tokenizer = 0, 0, None
@@ -211,7 +267,11 @@ def train(args: RunArgs) -> dict[str, Any]:
         position, saved_tokenizer = meta["position"], meta.get("tokenizer")
         if meta.get("model_config") != cfg.to_hf():
             raise ValueError(f"--resume: the checkpoint in {ckpt_dir} was trained with a different model config")
+    if not main_process:
+        _barrier("dsv3_data_ready")  # process 0 builds the tokenizer and token caches first
     tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer)
+    if main_process:
+        _barrier("dsv3_data_ready")
     batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
     stop = args.stop_at or args.steps
 
@@ -219,13 +279,15 @@ def train(args: RunArgs) -> dict[str, Any]:
                      mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
     step_fn = make_train_step(graphdef, optimizer,
                               StepConfig(remat=args.remat, spike_factor=args.spike_factor,
-                                         spike_warmup=args.spike_warmup))
+                                         spike_warmup=args.spike_warmup), mesh, shardings)
+    window_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, batch_spec(3, batch_dim=1))
     flops_per_token = training_flops_per_token(cfg, args.seq_len)
     peak_flops = measure_peak_flops(dtype=precision.compute_dtype)
-    log = _Log(workdir, start)
+    log = _Log(workdir, start, enabled=main_process)
+    mesh_note = "" if mesh is None else ", mesh " + ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
     print(f"dsv3 train: {model_name}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, corpus "
           f"{len(tokens):,} tokens, lr {peak_lr:g}, precision {args.precision}, workdir {workdir}"
-          + (f", resuming at step {start}" if start else ""))
+          + mesh_note + (f", resuming at step {start}" if start else ""))
     if micro == args.batch:
         print("  batch-size ramp inactive: it grows the number of accumulated micro-batches, so it needs "
               "--micro-batch smaller than --batch")
@@ -247,7 +309,11 @@ def train(args: RunArgs) -> dict[str, Any]:
             bsz = max(micro, int(schedules["batch"](step)) // micro * micro)
             windows, new_position = batches.batch(position, bsz)
             windows = windows.reshape(bsz // micro, micro, args.seq_len + 1)
-            state, m = step_fn(state, jnp.asarray(windows), float(schedules["mtp"](step)),
+            if mesh is None:
+                windows = jnp.asarray(windows)
+            else:  # every process holds the whole global batch and hands over its devices' rows
+                windows = jax.make_array_from_callback(windows.shape, window_sharding, lambda idx: windows[idx])
+            state, m = step_fn(state, windows, float(schedules["mtp"](step)),
                                float(schedules["gamma"](step)))
             m = jax.device_get(m)
             position = new_position
@@ -275,7 +341,7 @@ def train(args: RunArgs) -> dict[str, Any]:
                     consecutive_skips = 0
             else:
                 consecutive_skips = 0
-            if args.progress:
+            if args.progress and main_process:
                 _progress(step + 1, stop, row)
             done = step + 1
             if done % args.save_every == 0 or done == stop:
@@ -294,13 +360,16 @@ def train(args: RunArgs) -> dict[str, Any]:
             signal.signal(sig, handler)
         ckpt.wait()
         log.close()
-        if args.progress:
+        if args.progress and main_process:
             print(file=sys.stderr)
     summary = {"steps_done": stop, "first_loss": first_loss, "last_loss": last_loss, "workdir": str(workdir)}
     if stop == args.steps and tokenizer is not None and args.sample_tokens:
-        model = nnx.merge(graphdef, state["params"], state["bias"])
+        params, bias = (state["params"], state["bias"]) if mesh is None else jax.device_put(
+            _to_host((state["params"], state["bias"])), jax.local_devices()[0])
+        model = nnx.merge(graphdef, params, bias)
         summary["sample"] = sample_text(model, tokenizer, args.prompt, args.sample_tokens, window=args.seq_len)
-        print(f"\nsample ({args.sample_tokens} tokens, greedy) from prompt {args.prompt!r}:\n"
+        if main_process:
+            print(f"\nsample ({args.sample_tokens} tokens, greedy) from prompt {args.prompt!r}:\n"
               f"{summary['sample']}\n")
     ckpt.close()
     return summary

@@ -8,18 +8,22 @@ optimizer state and expert bias stay as they were) and reports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.balance import max_violation, update_expert_bias
 from dsv3_jax.losses import cross_entropy, mtp_loss
 from dsv3_jax.model.params import ExpertBias
 from dsv3_jax.model.transformer import Transformer
+from sharding.rules import batch_spec, constrain
 
 TrainState = dict[str, Any]  # {"params", "bias", "opt", "loss_ema", "step"}: a pytree orbax saves as is
 
@@ -70,14 +74,19 @@ def _bias_update(bias, counts, mtp_counts, gamma):
     return jax.tree_util.tree_map_with_path(update, bias)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig) -> Callable:
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig, mesh=None,
+                    state_shardings=None) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
     windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets).
     The schedule values and the spike-guard settings enter as traced scalars, so changing them never recompiles.
+    With a `mesh` (sharding/mesh.py) the step runs over it: the state in `state_shardings`
+    (sharding.rules.train_state_shardings), the windows split over M on ('dp', 'ep'), GSPMD for data
+    parallelism and the MoE's shard_map all-to-all for expert parallelism; expert counts are global sums.
     """
 
     def loss_fn(params, bias, window_MS, mtp_weight):
+        window_MS = constrain(window_MS, ("batch", None))
         model = nnx.merge(graphdef, params, bias)
         out = model.forward(window_MS[:, :-1], remat=sc.remat)
         ce = cross_entropy(out.logits, window_MS[:, 1:])
@@ -133,10 +142,21 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         max_vio = jnp.zeros((), jnp.float32) if counts.size == 0 else jnp.mean(max_violation(counts))
         return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite)
 
-    jitted = jax.jit(step)
+    if mesh is None:
+        jitted = jax.jit(step)
+        scalar = jnp
+    else:
+        if state_shardings is None:
+            raise ValueError("make_train_step: a mesh needs state_shardings (sharding.rules.train_state_shardings)")
+        rep = NamedSharding(mesh, PartitionSpec())
+        windows = NamedSharding(mesh, batch_spec(3, batch_dim=1))
+        jitted = jax.jit(step, in_shardings=(state_shardings, windows, rep, rep, rep, rep),
+                         out_shardings=(state_shardings, rep))
+        scalar = np  # host values: every process passes the same, no process-local device arrays
 
     def call(state: TrainState, windows_KMS, mtp_weight, gamma):
-        return jitted(state, windows_KMS, jnp.float32(mtp_weight), jnp.float32(gamma),
-                      jnp.float32(sc.spike_factor), jnp.int32(sc.spike_warmup))
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            return jitted(state, windows_KMS, scalar.float32(mtp_weight), scalar.float32(gamma),
+                          scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup))
 
     return call

@@ -1,0 +1,109 @@
+"""Expert parallelism (paper §2.1.2, §3.2.2): routed experts split over the `ep` mesh axis, tokens dispatched to
+the expert owners and combined back by all-to-all inside `jax.shard_map`, dropless.
+
+Each (dp, ep) rank routes its own T tokens (attention is data-parallel over dp x ep). Expert e lives on ep rank
+e // E_loc (E_loc = E / ep, contiguous). A rank sends rank r one row per (token, slot) pair whose expert lives
+on r, into a static buffer of C = T * min(K, E_loc) rows per destination: a token's K experts are distinct, so at
+most min(K, E_loc) of them share a rank, and the buffer holds the worst case — no capacity factor, no token
+dropped. Padding rows carry the sentinel expert id E_loc and produce zeros. The receiver runs its E_loc experts
+over the rows with the grouped matmul of model/moe.py, a second all-to-all returns the outputs, and each token
+sums its K gated outputs.
+
+Node-limited routing (paper §2.1.2): the model's group-limited routing keeps topk_group of n_group expert groups
+per token; with the mesh aligned (sharding.mesh.validate_mesh) each group lives on whole ranks, so a token's
+rows reach at most topk_group expert-parallel groups (`ep_groups_of_experts`).
+
+Dimension letters: B batch, T tokens, D model, E experts, K experts per token, R ep ranks, C rows per rank pair.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.losses import sequence_balance_terms
+from dsv3_jax.model.moe import default_tile, dispatch_layout, grouped_matmul, route
+from sharding.mesh import ep_group_size
+
+from jax.ad_checkpoint import checkpoint_name
+
+
+def ep_groups_of_experts(cfg: ModelConfig, ep: int) -> np.ndarray:
+    """int [E]: the expert-parallel group ("node") of each expert: ep rank // ranks per routing group."""
+    e_loc = cfg.n_routed_experts // ep
+    return np.arange(cfg.n_routed_experts) // e_loc // ep_group_size(cfg, ep)
+
+
+def _local_experts(x_PD, expert_P, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int):
+    """SwiGLU of row p through local expert expert_P[p]; rows with the sentinel id E_loc give zeros."""
+    e_loc = w_gate_EDF.shape[0]
+    dt = x_PD.dtype
+    layout = dispatch_layout(expert_P[:, None], e_loc + 1, tile)  # the sentinel sorts last
+    src = jnp.full((layout.rows,), x_PD.shape[0], jnp.int32).at[layout.dest_TK[:, 0]].set(
+        jnp.arange(x_PD.shape[0], dtype=jnp.int32))
+    xs_PD = jnp.concatenate([x_PD, jnp.zeros((1, x_PD.shape[1]), dt)])[src]
+    gs = layout.group_sizes_E[:e_loc]  # rows past the real experts' groups (the sentinel's) multiply nothing
+    h = checkpoint_name(jax.nn.silu(grouped_matmul(xs_PD, w_gate_EDF.astype(dt), gs, tile))
+                        * grouped_matmul(xs_PD, w_up_EDF.astype(dt), gs, tile), "swiglu")
+    y = grouped_matmul(h, w_down_EFD.astype(dt), gs, tile)
+    return y[layout.dest_TK[:, 0]]
+
+
+def moe_expert_parallel(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: ModelConfig,
+                        mesh=None, tile: int | None = None):
+    """Routed-expert output [B, T, D], global expert counts [E] and the balance term (mean over all sequences)
+    with the experts split over mesh axis 'ep' and the batch over ('dp', 'ep'); same values as the
+    single-device MoE.routed path. `mesh` defaults to the one set by jax.set_mesh."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    ep = sizes.get("ep", 1)
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if e % ep:
+        raise ValueError(f"expert parallelism: {e} routed experts do not divide over ep={ep} ranks")
+    manual = {a for a in ("dp", "ep") if a in sizes}
+    token_axes = tuple(a for a in ("dp", "ep") if a in sizes)
+    ranks = int(np.prod([sizes[a] for a in token_axes]))
+    if x_BTD.shape[0] % ranks:
+        raise ValueError(f"expert parallelism: batch {x_BTD.shape[0]} does not split over "
+                         f"{' x '.join(token_axes)} = {ranks} ranks")
+    e_loc = e // ep
+    has_bias = bias_E is not None
+
+    def local(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD):
+        b, t, d = x_BTD.shape
+        x_TD = x_BTD.reshape(b * t, d)
+        routing = route(x_TD, router_DE, bias_E if has_bias else None, cfg)
+        n = b * t
+        cap = n * min(k, e_loc)
+        dest_N = (routing.experts_TK // e_loc).reshape(-1)  # N = T*K pairs, token-major
+        onehot_NR = jax.nn.one_hot(dest_N, ep, dtype=jnp.int32)
+        slot_N = jnp.take_along_axis(jnp.cumsum(onehot_NR, axis=0) - onehot_NR, dest_N[:, None], axis=1)[:, 0]
+        token_N = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
+        send_RCD = jnp.zeros((ep, cap, d), x_TD.dtype).at[dest_N, slot_N].set(x_TD[token_N])
+        send_RC = jnp.full((ep, cap), e_loc, jnp.int32).at[dest_N, slot_N].set(
+            (routing.experts_TK % e_loc).reshape(-1))
+        recv_RCD = jax.lax.all_to_all(send_RCD, "ep", 0, 0)
+        recv_RC = jax.lax.all_to_all(send_RC, "ep", 0, 0)
+        t_ = default_tile(ep * cap, e_loc) if tile is None else tile
+        y_PD = _local_experts(recv_RCD.reshape(ep * cap, d), recv_RC.reshape(-1), w_gate_EDF, w_up_EDF,
+                              w_down_EFD, t_)
+        back_RCD = jax.lax.all_to_all(y_PD.reshape(ep, cap, d), "ep", 0, 0)
+        y_TKD = back_RCD[dest_N, slot_N].reshape(n, k, d)
+        out_TD = jnp.einsum("tk,tkd->td", routing.weights_TK, y_TKD.astype(jnp.float32)).astype(x_TD.dtype)
+        counts_E = jax.lax.psum(jnp.bincount(routing.experts_TK.reshape(-1), length=e).astype(jnp.int32),
+                                token_axes)
+        balance = sequence_balance_terms(routing.scores_TE.reshape(b, t, -1), routing.experts_TK.reshape(b, t, k))
+        balance = jax.lax.pmean(jnp.mean(balance), token_axes)
+        return out_TD.reshape(b, t, d), counts_E, balance
+
+    w_spec = P("ep", None, None) if "ep" in sizes else P()
+    fn = jax.shard_map(local, mesh=mesh, axis_names=manual,
+                       in_specs=(P(token_axes), P(), P(), w_spec, w_spec, w_spec),
+                       out_specs=(P(token_axes), P(), P()),
+                       # the grouped matmul's custom backward scans with an unannotated carry
+                       check_vma=False)
+    bias_arg = bias_E if has_bias else jnp.zeros((e,), jnp.float32)
+    return fn(x_BTD, router_DE, bias_arg, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -1,0 +1,118 @@
+"""Data and expert parallel training equals the single-device computation: loss and gradients on 8 simulated CPU
+devices (dp=8, ep=8, dp=2 x ep=4), the expert-parallel MoE under adversarial routing (nothing dropped), `train()`
+over a mesh and `dsv3 train --mesh` in two processes on localhost, against a single-device run.
+
+The multi-device work runs in subprocesses (the pytest process has one device), started together so that their
+compiles overlap with the single-device reference run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dsv3_jax.train.loop import RunArgs, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+STEPS = 5
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return {**env, **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts the 8-device checks and the two-process training, runs the single-device reference meanwhile."""
+    d = tmp_path_factory.mktemp("sharded")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")"]
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
+    checks = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "sharding" / "multi_device_checks.py"), str(corpus), str(d / "mesh8"),
+         str(STEPS)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "dsv3_jax.cli", "train", "--workdir", str(d / "two_proc"), "--steps", str(STEPS),
+           "--preset", "tiny", "--batch", "8", "--seq-len", "32", "--data", str(corpus), "--save-every", "100",
+           "--sample-tokens", "0", "--no-progress", "--mesh", "dp=2,ep=2"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i),
+                                       XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+             for i in range(2)]
+    try:
+        train(RunArgs(workdir=str(d / "single"), steps=STEPS, preset="tiny", batch=8, seq_len=32, data=[str(corpus)],
+                      save_every=100, sample_tokens=0, progress=False))
+        out, _ = checks.communicate(timeout=1200)
+        proc_out = [p.communicate(timeout=1200)[0] for p in procs]
+    finally:
+        for p in (checks, *procs):
+            if p.poll() is None:
+                p.kill()
+    return {"dir": d, "checks_rc": checks.returncode, "checks_out": out, "procs": [(p.returncode, o) for p, o in
+                                                                                   zip(procs, proc_out)]}
+
+
+def _results(runs):
+    assert runs["checks_rc"] == 0, runs["checks_out"][-3000:]
+    line = [ln for ln in runs["checks_out"].splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("spec", ["dp=8", "ep=8", "dp=2,ep=4"])
+def test_loss_and_gradients_equal_single_device(runs, spec):
+    r = _results(runs)[spec]
+    assert r["loss_rel"] <= 1e-6
+    assert r["grad_rel_max"] <= 1e-5, r  # every parameter's gradient, relative to its norm
+    assert r["n_grads"] > 40 and r["counts_equal"]
+    assert r["experts_sharded"] == ("ep" in spec)
+
+
+def test_adversarial_routing_drops_nothing_under_expert_parallelism(runs):
+    res = _results(runs)
+    cases = [k for k in res if k.startswith("adversarial_")]
+    assert len(cases) == 4
+    for k in cases:
+        r = res[k]
+        assert r["top_expert_load"] == 8 * 16  # every token chose expert 0
+        assert r["counts_equal"] and r["max_abs_diff"] <= 1e-5 * r["max_abs"], (k, r)
+
+
+def test_train_over_a_mesh_logs_the_single_device_losses(runs):
+    _results(runs)
+    single, mesh = _metrics(runs["dir"] / "single"), _metrics(runs["dir"] / "mesh8")
+    assert [r["step"] for r in mesh] == list(range(1, STEPS + 1))
+    for a, b in zip(mesh, single):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(b["grad_norm"]), (a, b)
+        assert a["max_vio"] == pytest.approx(b["max_vio"], abs=1e-6)  # global expert counts
+    assert (runs["dir"] / "mesh8" / "checkpoints" / str(STEPS)).is_dir()
+
+
+def test_two_processes_log_the_single_process_losses(runs):
+    for rc, out in runs["procs"]:
+        assert rc == 0, out[-3000:]
+    single, multi = _metrics(runs["dir"] / "single"), _metrics(runs["dir"] / "two_proc")
+    assert [r["step"] for r in multi] == list(range(1, STEPS + 1))  # process 0 alone writes the metrics
+    for a, b in zip(multi, single):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+    assert (runs["dir"] / "two_proc" / "checkpoints" / str(STEPS)).is_dir()
