@@ -147,13 +147,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sharding.planner import TrainSettings, _parse_mesh, format_plan, plan
+    from sharding.mesh import parse_mesh_spec
+    from sharding.planner import TrainSettings, format_plan, plan
 
     settings = TrainSettings(global_batch=args.global_batch, seq_len=args.seq_len, micro_batch=args.micro_batch,
                              schedule=args.schedule, precision=args.precision,
                              gemm_efficiency=args.gemm_efficiency, attention_efficiency=args.attention_efficiency,
                              comm_sms=args.comm_sms, tokens=args.tokens)
-    result = plan(_load_config(args), _parse_mesh(args.mesh), args.hardware, settings, gpus=args.gpus)
+    result = plan(_load_config(args), parse_mesh_spec(args.mesh, allow_auto=True), args.hardware, settings, gpus=args.gpus)
     print(json.dumps(result) if args.json else format_plan(result, args.config or args.preset))
     return 0
 

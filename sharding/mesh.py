@@ -18,26 +18,29 @@ from jax.sharding import AxisType, Mesh
 from dsv3_jax.config import ModelConfig
 
 MESH_AXES = ("pp", "dp", "ep", "tp")
-_ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
+_ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+|auto)\s*$")
 
 
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """``'pp=2,dp=2,ep=2'`` -> {'pp': 2, 'dp': 2, 'ep': 2, 'tp': 1} (all four axes; omitted ones are 1)."""
+def parse_mesh_spec(spec: str, allow_auto: bool = False) -> dict:
+    """``'pp=2,dp=2,ep=2'`` -> {'pp': 2, 'dp': 2, 'ep': 2, 'tp': 1} (all four axes; omitted ones are 1). With
+    allow_auto, one axis may be ``auto`` (kept as the string 'auto', for the caller to fill from a device count)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"mesh spec must be a non-empty string like 'dp=2,ep=4', got {spec!r}")
-    sizes: dict[str, int] = {}
+    sizes: dict = {}
     for item in spec.split(","):
         m = _ITEM.match(item)
-        if not m:
+        if not m or (m.group(2) == "auto" and not allow_auto):
             raise ValueError(f"mesh spec {spec!r}: cannot parse {item.strip()!r}; expected AXIS=SIZE, e.g. 'dp=2'")
-        name, size = m.group(1), int(m.group(2))
+        name, size = m.group(1), (m.group(2) if m.group(2) == "auto" else int(m.group(2)))
         if name not in MESH_AXES:
             raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; known axes: {', '.join(MESH_AXES)}")
         if name in sizes:
             raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
-        if size < 1:
+        if size != "auto" and size < 1:
             raise ValueError(f"mesh spec {spec!r}: axis {name!r} must have size >= 1, got {size}")
         sizes[name] = size
+    if sum(v == "auto" for v in sizes.values()) > 1:
+        raise ValueError(f"mesh spec {spec!r}: at most one axis may be 'auto'")
     return {a: sizes.get(a, 1) for a in MESH_AXES}
 
 

@@ -7,7 +7,7 @@ next to the paper's figures. Sources: paper §3.1-3.4 (DualPipe, node-limited al
 savers), §4.2 and Table 1 (batch, tokens, GPU-hours); reference §5.3 (what is FP8), §7 (numbers), §8.3 (bubble
 and memory of the schedules), §11 (DeepEP). Every assumption is written down in docs/design.md ("Planner").
 
-Pure Python arithmetic on the config fields (no JAX); tests cross-check the counts against dsv3_jax.stats and
+Plain Python arithmetic on the config fields (the mesh spec parser is sharding.mesh's); tests cross-check the counts against dsv3_jax.stats and
 dsv3_jax.train.flops.
 """
 
@@ -17,8 +17,8 @@ import dataclasses
 import math
 
 from dsv3_jax.config import ModelConfig
+from sharding.mesh import MESH_AXES
 
-MESH_AXES = ("pp", "dp", "ep", "tp")
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
 PRECISIONS = ("fp8", "bf16")
 _OVERLAPPED = ("dualpipe", "dualpipev")  # schedules that pair a forward and a backward chunk (paper §3.2.1)
@@ -90,31 +90,6 @@ class TrainSettings:
         if not (isinstance(self.tokens, (int, float)) and self.tokens > 0):
             raise ValueError(f"tokens must be positive, got {self.tokens!r}")
         return self
-
-
-def _parse_mesh(spec: str) -> dict:
-    """'pp=16,dp=2,ep=64' -> {'pp': 16, 'dp': 2, 'ep': 64}; a size may be 'auto' (filled from the GPU count)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"mesh spec must be a non-empty string like 'pp=16,dp=2,ep=64', got {spec!r}")
-    mesh: dict = {}
-    for part in spec.split(","):
-        name, sep, size = (s.strip() for s in part.partition("="))
-        if not sep or not name or not size:
-            raise ValueError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE")
-        if name not in MESH_AXES:
-            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
-        if name in mesh:
-            raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
-        if size == "auto":
-            mesh[name] = "auto"
-            continue
-        if not size.isdigit() or int(size) <= 0:
-            raise ValueError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer or 'auto', "
-                             f"got {size!r}")
-        mesh[name] = int(size)
-    if sum(v == "auto" for v in mesh.values()) > 1:
-        raise ValueError(f"mesh spec {spec!r}: at most one axis may be 'auto'")
-    return mesh
 
 
 def resolve_mesh(mesh: dict, gpus: int | None = None) -> dict[str, int]:

@@ -11,7 +11,8 @@ import pytest
 from dsv3_jax import cli, get_preset
 from dsv3_jax.stats import model_stats
 from dsv3_jax.train.flops import training_flops_per_token
-from sharding.planner import TrainSettings, _parse_mesh, model_units, plan, resolve_mesh
+from sharding.mesh import parse_mesh_spec
+from sharding.planner import TrainSettings, model_units, plan, resolve_mesh
 
 TINY = get_preset("tiny")
 V3 = get_preset("deepseek-v3")
@@ -36,7 +37,7 @@ STAGE0_ACT = (544 + 2 * 2 * 128) + 1232  # dense block (SwiGLU inputs 2 x 128 in
 
 def _tiny(mesh: str, **settings) -> dict:
     base = dict(global_batch=8, seq_len=16, micro_batch=1, schedule="1f1b", precision="bf16")
-    return plan(TINY, _parse_mesh(mesh), "h800", TrainSettings(**{**base, **settings}))
+    return plan(TINY, parse_mesh_spec(mesh, allow_auto=True), "h800", TrainSettings(**{**base, **settings}))
 
 
 def test_units_match_model_stats():
@@ -105,7 +106,7 @@ def test_single_device_compute_is_flops_over_peak():
 
 
 def test_paper_setup_communication_and_overlap():
-    mesh = _parse_mesh("pp=16,ep=64,dp=auto")
+    mesh = parse_mesh_spec("pp=16,ep=64,dp=auto", allow_auto=True)
     dual = plan(V3, mesh, "h800", gpus=2048)
     assert (dual["dp"], dual["ep_nodes_per_token"], dual["micro_batches_per_step"]) == (2, 4, 120)
     # rank 0 holds stage 0 (embedding + 3 dense blocks) and stage 15 (2 MoE blocks, the MTP module, the head):
@@ -153,15 +154,15 @@ def test_cli_json(capsys):
 @pytest.mark.parametrize("spec, match", [
     ("pp=2,xp=2", "unknown axis 'xp'"),
     ("pp=2,pp=2", "given twice"),
-    ("pp=two", "positive integer"),
-    ("pp=0", "positive integer"),
+    ("pp=two", "AXIS=SIZE"),
+    ("pp=0", "size >= 1"),
     ("pp", "AXIS=SIZE"),
     ("", "non-empty"),
     ("pp=auto,dp=auto", "at most one"),
 ])
 def test_bad_mesh_spec(spec, match):
     with pytest.raises(ValueError, match=match):
-        _parse_mesh(spec)
+        parse_mesh_spec(spec, allow_auto=True)
 
 
 @pytest.mark.parametrize("cfg, spec, gpus, settings, match", [
@@ -180,7 +181,7 @@ def test_bad_mesh_spec(spec, match):
 ])
 def test_bad_layout(cfg, spec, gpus, settings, match):
     with pytest.raises(ValueError, match=match):
-        plan(cfg, _parse_mesh(spec), "h800", TrainSettings(**settings), gpus=gpus)
+        plan(cfg, parse_mesh_spec(spec, allow_auto=True), "h800", TrainSettings(**settings), gpus=gpus)
 
 
 def test_bad_hardware_and_cli_error_exit(capsys):
