@@ -1,6 +1,6 @@
 """FP8 training (paper §3.3; reference §5.3): the FP8 linear and the FP8 routed experts against NumPy restatements
-(E4M3 quantization restated with NumPy and ml_dtypes, dequantized, float64 matmuls) and against the exact product; on the tiny
-model, gradients and a 60-step run in fp8 against bf16 precision."""
+(E4M3 quantization restated with NumPy and ml_dtypes, dequantized, float64 matmuls) and against the exact
+product; on the tiny model, gradients and a 60-step run in fp8 against bf16 precision."""
 
 from __future__ import annotations
 
