@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-field", default="text", help="JSONL text field")
     tr.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"], help=".bin token dtype")
     tr.add_argument("--corpus-bytes", type=int, default=4_000_000, help="size of the default corpus subset")
-    tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"],
+                    help="fp8: bf16 compute with the Linear GEMMs in block-scaled FP8 (paper §3.3)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 tiny, 1e-3 small, else 2.2e-4)")
     tr.add_argument("--remat", default="none", choices=["none", "paper", "full"], help="recomputation policy")
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")

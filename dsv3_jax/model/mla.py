@@ -7,6 +7,9 @@ Two forms of the same function:
 - `mla_naive` (training): up-project the latent to per-head keys and values, then ordinary attention;
 - `mla_absorbed` (decoding): fold W^UK into the query and W^UV into the output, so attention runs directly
   over the cached latent c^KV [C] and the shared rotated key k^R [R]: C + R values per token per layer.
+
+With `fp8` (training, paper §3.3) the five projections of `mla_naive` are FP8 linears; the input of the output
+projection gets power-of-two scales (§3.3.3); the attention core softmax(QK^T)V stays in the compute dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import fp8_dense
 from dsv3_jax.model.norm import rms_norm
 from dsv3_jax.model.params import param, values
 from dsv3_jax.model.rope import apply_rope, softmax_scale
@@ -24,17 +28,21 @@ from dsv3_jax.model.rope import apply_rope, softmax_scale
 Params = dict[str, jax.Array]
 
 
-def mla_latents(p: Params, x_BTD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array, cfg: ModelConfig):
+def mla_latents(p: Params, x_BTD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array, cfg: ModelConfig,
+                fp8: bool = False):
     """Queries and the compressed KV: q_nope [B,T,H,K], rotated q_pe [B,T,H,R], normalised c_kv [B,T,C] and the
     rotated shared key k_pe [B,T,R] (the two tensors the absorbed cache stores)."""
     dt = x_BTD.dtype
     if cfg.q_lora_rank:
-        c_q_BTQ = rms_norm(x_BTD @ p["wq_a"].astype(dt), p["q_norm"], cfg.rms_norm_eps)
-        q_BTHK = checkpoint_name(jnp.einsum("btq,qhk->bthk", c_q_BTQ, p["wq_b"].astype(dt)), "mla_up")
+        c_q_BTQ = fp8_dense(x_BTD, p["wq_a"]) if fp8 else x_BTD @ p["wq_a"].astype(dt)
+        c_q_BTQ = rms_norm(c_q_BTQ, p["q_norm"], cfg.rms_norm_eps)
+        q_BTHK = (fp8_dense(c_q_BTQ, p["wq_b"]) if fp8
+                  else jnp.einsum("btq,qhk->bthk", c_q_BTQ, p["wq_b"].astype(dt)))
+        q_BTHK = checkpoint_name(q_BTHK, "mla_up")
     else:
-        q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, p["wq"].astype(dt))
+        q_BTHK = fp8_dense(x_BTD, p["wq"]) if fp8 else jnp.einsum("btd,dhk->bthk", x_BTD, p["wq"].astype(dt))
     q_nope, q_pe = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
-    kv_BTX = x_BTD @ p["wkv_a"].astype(dt)
+    kv_BTX = fp8_dense(x_BTD, p["wkv_a"]) if fp8 else x_BTD @ p["wkv_a"].astype(dt)
     c_kv, k_pe = jnp.split(kv_BTX, [cfg.kv_lora_rank], axis=-1)
     c_kv = rms_norm(c_kv, p["kv_norm"], cfg.rms_norm_eps)
     q_pe = apply_rope(q_pe, cos_BTR[:, :, None, :], sin_BTR[:, :, None, :])
@@ -52,11 +60,14 @@ def masked_softmax(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) ->
     return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
 
 
-def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, scale: float) -> jax.Array:
-    """MLA with per-head keys/values materialised (the training form)."""
+def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, scale: float,
+              fp8: bool = False) -> jax.Array:
+    """MLA with per-head keys/values materialised (the training form); `fp8` runs the projections in FP8."""
     dt = x_BTD.dtype
-    q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg)
-    kv_BSHX = checkpoint_name(jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt)), "mla_up")
+    q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg, fp8)
+    kv_BSHX = (fp8_dense(c_kv, p["wkv_b"]) if fp8
+               else jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt)))
+    kv_BSHX = checkpoint_name(kv_BSHX, "mla_up")
     k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
     # k = [k_nope; k_pe shared by all heads] (eq. 4); head-major batched matmuls are 2-3x faster on the CPU
     # than the token-major einsums.
@@ -65,6 +76,8 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
     k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
     probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
     o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    if fp8:  # ue8m0: the paper's E5M6 input with power-of-two scales (E5M6 is not a JAX dtype; E4M3 here)
+        return fp8_dense(o_BTHV, p["wo"], n_in=2, scale_fmt="ue8m0")
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
 
 
@@ -119,8 +132,9 @@ def mla_cached(p: Params, x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe
 class MLA(nnx.Module):
     """MLA parameters (layout [in, ..., out]; see dsv3_jax/hf.py for the checkpoint mapping)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, fp8: bool = False):
         self.cfg = cfg
+        self.fp8 = fp8
         d, h, std = cfg.hidden_size, cfg.num_attention_heads, cfg.initializer_range
         if cfg.q_lora_rank:
             self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), dtype, std=std)
@@ -136,8 +150,10 @@ class MLA(nnx.Module):
         self.wo = param(rngs, (h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), dtype, std=std)
 
     def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, absorbed: bool = False) -> jax.Array:
-        fn = mla_absorbed if absorbed else mla_naive
-        return fn(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg))
+        if absorbed:  # the decoding form, always in the compute dtype
+            return mla_absorbed(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg))
+        return mla_naive(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg),
+                         self.fp8)
 
     def cached(self, x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe_cache_BSR):
         """mla_cached with this module's weights."""

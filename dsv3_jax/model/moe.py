@@ -11,6 +11,9 @@ renormalised when norm_topk_prob and scaled by routed_scaling_factor.
 Dropless: every (token, expert) pair is placed in an expert-sorted buffer and run through a grouped matmul; no
 capacity factor, no token is ever dropped. Under a mesh with ep > 1 (jax.set_mesh) the routed experts run
 expert-parallel: sharding/expert_parallel.py, the same values.
+
+FP8 (paper §3.3.3): `routed_experts(..., fp8=True)` quantizes x once per token before the dispatch, runs the
+expert GEMMs in FP8 over 128-row tiles (dsv3_jax.fp8.fp8_expert_swiglu) and combines in the compute dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import EXPERT_TILE, fp8_expert_swiglu
 from dsv3_jax.losses import sequence_balance_terms
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.params import ExpertBias, param
@@ -160,8 +164,12 @@ def default_tile(pairs: int | None = None, num_experts: int | None = None) -> in
 
 
 def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD,
-                   tile: int | None = None) -> jax.Array:
-    """sum_k g_k * SwiGLU_{e_k}(x) for every token, dropless (eq. 13's routed term)."""
+                   tile: int | None = None, fp8: bool = False) -> jax.Array:
+    """sum_k g_k * SwiGLU_{e_k}(x) for every token, dropless (eq. 13's routed term); `fp8`: FP8 expert GEMMs."""
+    if fp8:
+        if tile not in (None, EXPERT_TILE):
+            raise ValueError(f"routed_experts: the FP8 path runs tiles of {EXPERT_TILE} rows, got tile={tile}")
+        return _routed_experts_fp8(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD)
     t, k = routing.experts_TK.shape
     tile = default_tile(t * k, w_gate_EDF.shape[0]) if tile is None else tile
     dt = x_TD.dtype
@@ -179,6 +187,22 @@ def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_do
     return out.astype(dt)
 
 
+def _routed_experts_fp8(x_TD, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
+    """routed_experts with FP8 dispatch and expert GEMMs; each expert's segment padded to whole 128-row tiles."""
+    t, k = routing.experts_TK.shape
+    e = w_gate_EDF.shape[0]
+    layout = dispatch_layout(routing.experts_TK, e, EXPERT_TILE)
+    src = jnp.full((layout.rows,), t, jnp.int32).at[layout.dest_TK.reshape(-1)].set(
+        jnp.repeat(jnp.arange(t, dtype=jnp.int32), k))
+    n_tiles = layout.rows // EXPERT_TILE
+    ends = jnp.cumsum(layout.group_sizes_E)
+    # tiles past the last group hold only padding rows (src == t, zeros); any expert index serves them
+    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_tiles) * EXPERT_TILE, side="right"), e - 1)
+    y_PD = fp8_expert_swiglu(x_TD, src, tile_expert.astype(jnp.int32), w_gate_EDF, w_up_EDF, w_down_EFD)
+    out = jnp.einsum("tk,tkd->td", routing.weights_TK, y_PD[layout.dest_TK].astype(jnp.float32))
+    return out.astype(x_TD.dtype)
+
+
 class MoEAux(NamedTuple):
     counts_E: jax.Array  # tokens routed to each expert (int32), for the bias update and MaxVio
     balance: jax.Array  # sum_i f_i P_i averaged over sequences (eqs. 17-20 without alpha)
@@ -187,8 +211,9 @@ class MoEAux(NamedTuple):
 class MoE(nnx.Module):
     """Shared experts + routed experts with the router and its bias state."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, fp8: bool = False):
         self.cfg = cfg
+        self.fp8 = fp8
         d, e, f, std = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.initializer_range
         self.router = param(rngs, (d, e), ("embed", "experts"), dtype, std=std)
         self.expert_bias = ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=("experts",),
@@ -196,7 +221,7 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype, std=std)
         self.w_up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype, std=std)
         self.w_down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype, std=std)
-        self.shared = (MLP(d, cfg.n_shared_experts * f, dtype, rngs, std, axis="shared_mlp")
+        self.shared = (MLP(d, cfg.n_shared_experts * f, dtype, rngs, std, axis="shared_mlp", fp8=fp8)
                        if cfg.n_shared_experts else None)
 
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEAux]:
@@ -206,6 +231,10 @@ class MoE(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("ep", 1) > 1:
             # Expert parallelism over the mesh set by jax.set_mesh: all-to-all dispatch inside shard_map.
+            if self.fp8:
+                raise ValueError("precision fp8 is not implemented under expert parallelism (a mesh with ep > 1): "
+                                 "the expert-parallel MoE runs its grouped GEMMs in the compute dtype; use "
+                                 "--precision bf16 with ep > 1, or fp8 with dp/pp only")
             from sharding.expert_parallel import moe_expert_parallel
             from sharding.rules import constrain
 
@@ -216,7 +245,8 @@ class MoE(nnx.Module):
                 y = y + self.shared(x_BTD)
             return y, MoEAux(counts, balance)
         routing = route(x_TD, self.router[...], bias, self.cfg)
-        y = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...]).reshape(b, t, d)
+        y = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
+                           fp8=self.fp8).reshape(b, t, d)
         if self.shared is not None:
             y = y + self.shared(x_BTD)
         k = self.cfg.num_experts_per_tok

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import fp8_linear
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE, MoEAux
@@ -36,13 +37,13 @@ class ModelOutput(NamedTuple):
 class Block(nnx.Module):
     """Pre-norm residual block: h += MLA(norm(h)); h += FFN(norm(h)), FFN dense SwiGLU or MoE."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs: nnx.Rngs, fp8: bool = False):
         self.is_moe = moe
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
-        self.attn = MLA(cfg, dtype, rngs)
+        self.attn = MLA(cfg, dtype, rngs, fp8=fp8)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
-        self.ffn = (MoE(cfg, dtype, rngs) if moe
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, cfg.initializer_range))
+        self.ffn = (MoE(cfg, dtype, rngs, fp8=fp8) if moe
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, cfg.initializer_range, fp8=fp8))
 
     def __call__(self, h_BTD, cos, sin, mask_BTS, absorbed: bool = False) -> tuple[jax.Array, MoEAux | None]:
         h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos, sin, mask_BTS, absorbed)
@@ -68,17 +69,19 @@ class MTPModule(nnx.Module):
     (reference §6); eq. 21 writes the other order.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, fp8: bool = False):
         d = cfg.hidden_size
+        self.fp8 = fp8
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
         self.eh_proj = param(rngs, (2 * d, d), ("mtp_concat", "embed"), dtype, std=cfg.initializer_range)
-        self.block = Block(cfg, cfg.mtp_layer_is_moe, dtype, rngs)
+        self.block = Block(cfg, cfg.mtp_layer_is_moe, dtype, rngs, fp8)
         self.head_norm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
 
     def __call__(self, h_prev_BTD, emb_BTD, cos, sin, mask_BTS):
         x = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], axis=-1)
-        return self.block(x @ self.eh_proj[...].astype(x.dtype), cos, sin, mask_BTS)
+        h = fp8_linear(x, self.eh_proj[...]) if self.fp8 else x @ self.eh_proj[...].astype(x.dtype)
+        return self.block(h, cos, sin, mask_BTS)
 
 
 def causal_mask(t: int) -> jax.Array:
@@ -93,15 +96,15 @@ class Transformer(nnx.Module):
         cfg.validate()
         self.config = cfg
         self.precision = precision
-        dtype, std = precision.param_dtype, cfg.initializer_range
+        dtype, std, fp8 = precision.param_dtype, cfg.initializer_range, precision.fp8
         with deferred_init():
             self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, std=std)
-            self.dense_layers = stacked(cfg.num_dense_layers, lambda r: Block(cfg, False, dtype, r), rngs)
-            self.moe_layers = stacked(cfg.num_moe_layers, lambda r: Block(cfg, True, dtype, r), rngs)
+            self.dense_layers = stacked(cfg.num_dense_layers, lambda r: Block(cfg, False, dtype, r, fp8), rngs)
+            self.moe_layers = stacked(cfg.num_moe_layers, lambda r: Block(cfg, True, dtype, r, fp8), rngs)
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
             self.head = (None if cfg.tie_word_embeddings
                          else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, std=std))
-            self.mtp = stacked(cfg.num_mtp_layers, lambda r: MTPModule(cfg, dtype, r), rngs)
+            self.mtp = stacked(cfg.num_mtp_layers, lambda r: MTPModule(cfg, dtype, r, fp8), rngs)
         randomize(self, rngs.params())
 
     # -- pieces shared with inference --
