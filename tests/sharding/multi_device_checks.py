@@ -5,7 +5,7 @@ expert-parallel MoE under adversarial routing against the single-device MoE, and
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import json  # noqa: E402
 import sys  # noqa: E402

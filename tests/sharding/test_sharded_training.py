@@ -25,6 +25,7 @@ STEPS = 5
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # as tests/conftest.py: tiny programs, fast compiles
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return {**env, **extra}
 
@@ -57,7 +58,8 @@ def runs(tmp_path_factory):
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i),
-                                       XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                                       XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                                                 "--xla_backend_optimization_level=0"))
              for i in range(2)]
     try:
         train(RunArgs(workdir=str(d / "single"), steps=STEPS, preset="tiny", batch=8, seq_len=32, data=[str(corpus)],
