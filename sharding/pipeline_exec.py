@@ -6,9 +6,11 @@ as a [ranks, phases, ...] array sharded over 'pp'. The edge parameters (embeddin
 the ranks that hold the first or last stage use them and their gradients are summed over 'pp'. So with DualPipe
 rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them.
 
-Execution is SPMD inside `jax.shard_map`: the per-rank op lists become a static tick table (list scheduling with
-unit cost per op, every dependency one tick earlier), and a `lax.scan` over ticks runs, on every rank, a forward
-lane (F or nothing) and a backward lane (B, b, W or nothing); an overlapped pair [F&B] uses both lanes in one tick.
+Execution is SPMD inside `jax.shard_map`, manual over the pipeline axis only (the mesh's other axes stay
+automatic, so a stage's computation keeps its data and expert parallelism, the MoE's shard_map nested inside):
+the per-rank op lists become a static tick table (list scheduling with unit cost per op, every dependency one tick
+earlier), and a `lax.scan` over ticks runs, on every rank, a forward lane (F or nothing) and a backward lane (B, b,
+W or nothing); an overlapped pair [F&B] uses both lanes in one tick.
 After each tick the outputs move to their neighbours with two `ppermute`s (right, left); DualPipeV's turn on its
 last rank is a local copy. Every rank keeps each micro-batch's stage input and output-gradient; B, b and W
 recompute the stage forward inside `jax.vjp` from the saved input (b differentiates with respect to the input
