@@ -59,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   resume=args.resume, stop_at=args.stop_at, save_every=args.save_every, keep=args.keep,
                   spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
                   prompt=args.prompt,
-                  sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh)
+                  sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh,
+                  pipeline=args.pipeline, microbatches=args.microbatches)
     try:
         summary = train(run)
     except TrainingInterrupted:
@@ -199,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.add_argument("--mesh", help="device mesh, e.g. dp=2,ep=4 (axes pp, dp, ep, tp; sizes multiply to the device "
                                    "count; default: every device on dp)")
+    from sharding.pipeline import SCHEDULES as PIPELINE_SCHEDULES
+
+    tr.add_argument("--pipeline", choices=PIPELINE_SCHEDULES, help="pipeline schedule over the mesh's pp axis (required "
+                                                          "when pp > 1)")
+    tr.add_argument("--microbatches", type=int, help="pipeline micro-batches per --micro-batch (default 2 * pp)")
     tr.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a released-format checkpoint or a training workdir")

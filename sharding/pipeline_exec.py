@@ -6,9 +6,11 @@ as a [ranks, phases, ...] array sharded over 'pp'. The edge parameters (embeddin
 the ranks that hold the first or last stage use them and their gradients are summed over 'pp'. So with DualPipe
 rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them.
 
-Execution is SPMD inside `jax.shard_map`: the per-rank op lists become a static tick table (list scheduling with
-unit cost per op, every dependency one tick earlier), and a `lax.scan` over ticks runs, on every rank, a forward
-lane (F or nothing) and a backward lane (B, b, W or nothing); an overlapped pair [F&B] uses both lanes in one tick.
+Execution is SPMD inside `jax.shard_map`, manual over the pipeline axis only (the mesh's other axes stay
+automatic, so a stage's computation keeps its data and expert parallelism, the MoE's shard_map nested inside):
+the per-rank op lists become a static tick table (list scheduling with unit cost per op, every dependency one tick
+earlier), and a `lax.scan` over ticks runs, on every rank, a forward lane (F or nothing) and a backward lane (B, b,
+W or nothing); an overlapped pair [F&B] uses both lanes in one tick.
 After each tick the outputs move to their neighbours with two `ppermute`s (right, left); DualPipeV's turn on its
 last rank is a local copy. Every rank keeps each micro-batch's stage input and output-gradient; B, b and W
 recompute the stage forward inside `jax.vjp` from the saved input (b differentiates with respect to the input
@@ -326,7 +328,7 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
     specs_sa, specs_ha = jax.tree.map(lambda _: P(axis), aux_s), jax.tree.map(lambda _: P(), aux_h)
     loss, (g_local, aux_local), (g_edge, aux_head) = jax.shard_map(
         per_rank, mesh=mesh, in_specs=(P(axis), specs_local, specs_edge, specs_in),
-        out_specs=(P(), (specs_local, specs_sa), (specs_edge, specs_ha)), check_vma=False)(
+        out_specs=(P(), (specs_local, specs_sa), (specs_edge, specs_ha)), axis_names={axis}, check_vma=False)(
             table, local, edge_params, inputs)
     flat_idx = stage_index.reshape(-1)
 
@@ -344,6 +346,13 @@ def _is_moe_path(path) -> bool:
     return getattr(path[0], "key", None) == "moe_layers"
 
 
+def check_stage_split(cfg, num_stages: int) -> None:
+    """ValueError unless the model's MoE layers split into `num_stages` equal pipeline stages."""
+    if cfg.num_moe_layers == 0 or cfg.num_moe_layers % num_stages:
+        raise ValueError(f"the {cfg.num_moe_layers} MoE layers do not split into {num_stages} equal pipeline stages "
+                         f"(the {cfg.num_dense_layers} dense layers run with the embedding on the first stage)")
+
+
 def transformer_pipeline(graphdef, params, bias, num_stages: int, balance_alpha: float = 1e-4,
                          remat: str = "none") -> PipelineModel:
     """PipelineModel of train/step.py's loss (CE + lambda MTP + alpha Bal) for split_model's (graphdef, params,
@@ -355,9 +364,7 @@ def transformer_pipeline(graphdef, params, bias, num_stages: int, balance_alpha:
     """
     model = nnx.merge(graphdef, params, bias)
     cfg = model.config
-    if cfg.num_moe_layers == 0 or cfg.num_moe_layers % num_stages:
-        raise ValueError(f"the {cfg.num_moe_layers} MoE layers do not split into {num_stages} equal pipeline stages "
-                         f"(the {cfg.num_dense_layers} dense layers run with the embedding on the first stage)")
+    check_stage_split(cfg, num_stages)
     moe_graphdef = nnx.split(model.moe_layers, nnx.Param, ExpertBias)[0]
     return _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha, remat)
 
@@ -388,21 +395,23 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         layers = nnx.merge(moe_graphdef, sp["params"], jax.lax.stop_gradient(sp["bias"]))
         cos, sin, mask = rope(h.shape[1], h.shape[0])
         h, aux = scan_layers(layers, lambda layer, h: body(layer, h, cos, sin, mask), h, remat=remat)
-        return h, balance_alpha * jnp.sum(aux.balance), aux.counts_E
+        bal = balance_alpha * jnp.sum(aux.balance)
+        return h, bal, {"counts": aux.counts_E, "bal": bal}
 
     def head(edge, h, inp):
         window, mtp_weight = inp
         tm = edge_model(edge)
         tokens = window[:, :-1]
         hidden = tm.norm(h)
-        loss = cross_entropy(tm.output_head(hidden), window[:, 1:])
-        counts = jnp.zeros((0,), jnp.int32)
+        ce = cross_entropy(tm.output_head(hidden), window[:, 1:])
+        zero = jnp.zeros((), jnp.float32)
+        aux = {"counts": jnp.zeros((0,), jnp.int32), "ce": ce, "mtp": zero, "bal": zero}  # the loss's parts
         if tm.mtp is not None:
             cos, sin, mask = rope(tokens.shape[1], tokens.shape[0])
             mtp_logits, mtp_counts, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat)
-            loss = loss + mtp_weight * mtp_loss(mtp_logits, window) + balance_alpha * mtp_balance
-            counts = counts if mtp_counts is None else mtp_counts
-        return loss, counts
+            aux["mtp"], aux["bal"] = mtp_loss(mtp_logits, window), balance_alpha * mtp_balance
+            aux["counts"] = aux["counts"] if mtp_counts is None else mtp_counts
+        return ce + mtp_weight * aux["mtp"] + aux["bal"], aux
 
     return PipelineModel(embed, stage, head)
 
@@ -440,9 +449,28 @@ def pipeline_train_loss_and_grads(graphdef, params, bias, windows_MBS, schedule:
     """(loss, grads like params, expert_counts [L_moe, E], mtp_expert_counts [D, E]) of train/step.py's loss
     averaged over the M micro-batches of windows_MBS [M, B, T+1], computed by `schedule` over mesh axis `axis`
     (the pipelined form of step.py's micro-batch scan; counts summed over micro-batches, for the bias update)."""
+    loss, grads, _, counts, mtp_counts = pipeline_train_terms(
+        graphdef, params, bias, windows_MBS, schedule, mesh, mtp_weight=mtp_weight, balance_alpha=balance_alpha,
+        remat=remat, axis=axis, pad_to=pad_to)
+    return loss, grads, counts, mtp_counts
+
+
+def pipeline_train_terms(graphdef, params, bias, windows_MBS, schedule: Schedule, mesh, *, mtp_weight=0.3,
+                         balance_alpha: float = 1e-4, remat: str = "none", axis: str = "pp",
+                         pad_to: tuple[int, int, int] | None = None):
+    """pipeline_train_loss_and_grads's (loss, grads, counts, mtp_counts) with the loss's parts (ce, mtp, bal)
+    (micro-batch means; loss = ce + mtp_weight * mtp + bal) after the grads, for the training step's metrics.
+
+    Under a mesh with dp or ep > 1 the executor is manual over `axis` only: each stage's computation still
+    splits the micro-batch over (dp, ep) (GSPMD) and runs the expert-parallel MoE (its shard_map nests inside).
+    """
     model = transformer_pipeline(graphdef, params, bias, schedule.num_stages, balance_alpha, remat)
     stage, edge = split_transformer(params, bias, schedule.num_stages)
-    weights = jnp.full((windows_MBS.shape[0],), mtp_weight, jnp.float32)
-    loss, (gs, ge), (counts, mtp_counts) = pipeline_value_and_grad(model, schedule, mesh, stage, edge,
-                                                                   (windows_MBS, weights), axis=axis, pad_to=pad_to)
-    return loss, merge_transformer_grads(gs, ge), counts.reshape((-1,) + counts.shape[2:]), mtp_counts
+    m = windows_MBS.shape[0]
+    weights = jnp.full((m,), mtp_weight, jnp.float32)
+    loss, (gs, ge), (stage_aux, head_aux) = pipeline_value_and_grad(
+        model, schedule, mesh, stage, edge, (windows_MBS, weights), axis=axis, pad_to=pad_to)
+    counts = stage_aux["counts"]
+    parts = (head_aux["ce"] / m, head_aux["mtp"] / m, (jnp.sum(stage_aux["bal"]) + head_aux["bal"]) / m)
+    return (loss, merge_transformer_grads(gs, ge), parts, counts.reshape((-1,) + counts.shape[2:]),
+            head_aux["counts"])

@@ -32,6 +32,8 @@ from dsv3_jax.train.optim import (batch_size_schedule, bias_update_speed_schedul
                                   mtp_weight_schedule)
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
 from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
+from sharding.pipeline import SCHEDULES, make_schedule
+from sharding.pipeline_exec import check_stage_split
 from sharding.rules import ZERO_MODES, batch_spec, train_state_shardings
 
 DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}  # the paper's 2.2e-4 is for the 671B model; small models take more
@@ -68,6 +70,8 @@ class RunArgs:
     progress: bool = True
     mesh: str | None = None  # e.g. "dp=2,ep=4" (sharding/mesh.py); None: all devices on dp
     zero: str = "zero1"  # "zero1": optimizer moments split over the data axes; "fsdp": parameters too
+    pipeline: str | None = None  # schedule over the mesh's pp axis (sharding/pipeline.py SCHEDULES); needs pp > 1
+    microbatches: int | None = None  # pipeline micro-batches per --micro-batch (default 2 * pp)
 
 
 class TrainingInterrupted(Exception):
@@ -89,11 +93,40 @@ def _validate(args: RunArgs) -> None:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.sample_tokens < 0:
         raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
-    if args.mesh is not None and parse_mesh_spec(args.mesh)["pp"] > 1:
-        raise ValueError(f"--mesh {args.mesh}: pipeline parallelism (pp > 1) runs through the pipeline executor, "
-                         "not this training step; use dp, ep and tp here")
+    _validate_pipeline(args)
     if args.zero not in ZERO_MODES:
         raise ValueError(f"zero must be one of {ZERO_MODES}, got {args.zero!r}")
+
+
+def _validate_pipeline(args: RunArgs):
+    """The pipeline schedule of --pipeline/--microbatches over --mesh's pp axis (None without pp), or ValueError."""
+    sizes = parse_mesh_spec(args.mesh) if args.mesh is not None else {"pp": 1, "dp": 1, "ep": 1}
+    pp = sizes["pp"]
+    if pp > 1 and args.pipeline is None:
+        raise ValueError(f"--mesh {args.mesh}: pipeline parallelism (pp > 1) runs through the pipeline executor; "
+                         f"choose its schedule with --pipeline ({'|'.join(SCHEDULES)})")
+    if args.pipeline is None:
+        if args.microbatches is not None:
+            raise ValueError("--microbatches is the pipeline's micro-batch count; it needs --pipeline")
+        return None
+    if args.pipeline not in SCHEDULES:
+        raise ValueError(f"--pipeline {args.pipeline!r}: unknown schedule; expected one of {', '.join(SCHEDULES)}")
+    if pp == 1:
+        raise ValueError(f"--pipeline {args.pipeline} needs a mesh with a pp axis > 1 (e.g. --mesh pp=2,dp=2,ep=2), "
+                         f"got --mesh {args.mesh}")
+    m = 2 * pp if args.microbatches is None else args.microbatches
+    if not isinstance(m, int) or m <= 0:
+        raise ValueError(f"--microbatches must be a positive integer, got {m!r}")
+    micro = args.micro_batch or args.batch
+    data_ranks = sizes["dp"] * sizes["ep"]
+    if micro % m or (micro // m) % data_ranks:
+        raise ValueError(f"--microbatches {m}: each micro-batch of {micro} sequences (--micro-batch, or --batch "
+                         f"without it) splits into {m} pipeline micro-batches, each of which must split over dp x ep "
+                         f"= {data_ranks} ranks; {micro} must be a multiple of {m} * {data_ranks} = {m * data_ranks}")
+    try:
+        return make_schedule(args.pipeline, pp, m)
+    except ValueError as e:
+        raise ValueError(f"--pipeline {args.pipeline} with pp={pp}, --microbatches {m}: {e}") from None
 
 
 class _Log:
@@ -244,6 +277,12 @@ def train(args: RunArgs) -> dict[str, Any]:
     precision = Precision.named(args.precision)
     peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
     micro = args.micro_batch or args.batch
+    schedule = _validate_pipeline(args)
+    if schedule is not None:
+        try:
+            check_stage_split(cfg, schedule.num_stages)
+        except ValueError as e:
+            raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
 
     # One device keeps the plain jit step; several (or an explicit --mesh) run over a mesh.
     mesh = None if args.mesh is None and jax.device_count() == 1 else build_mesh(args.mesh, cfg, batch=micro)
@@ -279,12 +318,14 @@ def train(args: RunArgs) -> dict[str, Any]:
                      mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
     step_fn = make_train_step(graphdef, optimizer,
                               StepConfig(remat=args.remat, spike_factor=args.spike_factor,
-                                         spike_warmup=args.spike_warmup), mesh, shardings)
+                                         spike_warmup=args.spike_warmup), mesh, shardings, schedule)
     window_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, batch_spec(3, batch_dim=1))
     flops_per_token = training_flops_per_token(cfg, args.seq_len)
     peak_flops = measure_peak_flops(dtype=precision.compute_dtype)
     log = _Log(workdir, start, enabled=main_process)
     mesh_note = "" if mesh is None else ", mesh " + ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
+    if schedule is not None:
+        mesh_note += f", pipeline {args.pipeline} x {schedule.microbatches} micro-batches"
     print(f"dsv3 train: {model_name}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, corpus "
           f"{len(tokens):,} tokens, lr {peak_lr:g}, precision {args.precision}, workdir {workdir}"
           + mesh_note + (f", resuming at step {start}" if start else ""))

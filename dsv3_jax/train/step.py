@@ -74,8 +74,25 @@ def _bias_update(bias, counts, mtp_counts, gamma):
     return jax.tree_util.tree_map_with_path(update, bias)
 
 
+def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
+    """grad_fn's ((loss, aux), grads) for one micro-batch [M, S], computed by the pipeline executor."""
+    from sharding.pipeline_exec import pipeline_train_terms
+
+    n = schedule.microbatches
+
+    def grad_fn(params, bias, window_MS, mtp_weight):
+        windows_NBS = window_MS.reshape((n, window_MS.shape[0] // n) + window_MS.shape[1:])
+        windows_NBS = constrain(windows_NBS, (None, "batch", None))
+        loss, grads, (ce, mtp, bal), counts, mtp_counts = pipeline_train_terms(
+            graphdef, params, bias, windows_NBS, schedule, mesh, mtp_weight=mtp_weight,
+            balance_alpha=sc.balance_alpha, remat=sc.remat)
+        return (loss, (ce, mtp, bal, counts, mtp_counts)), grads
+
+    return grad_fn
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig, mesh=None,
-                    state_shardings=None) -> Callable:
+                    state_shardings=None, schedule=None) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
     windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets).
@@ -83,6 +100,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
     With a `mesh` (sharding/mesh.py) the step runs over it: the state in `state_shardings`
     (sharding.rules.train_state_shardings), the windows split over M on ('dp', 'ep'), GSPMD for data
     parallelism and the MoE's shard_map all-to-all for expert parallelism; expert counts are global sums.
+    With a pipeline `schedule` (sharding.pipeline.make_schedule over the mesh's 'pp' ranks) each of the K
+    micro-batches is split into schedule.microbatches pipeline micro-batches of M / microbatches windows, and its
+    loss, gradients and expert counts come from the pipeline executor (same values); the update is the same.
     """
 
     def loss_fn(params, bias, window_MS, mtp_weight):
@@ -99,6 +119,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         return loss, (ce, mtp, bal, counts, mtp_counts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if schedule is not None:
+        if mesh is None:
+            raise ValueError("make_train_step: a pipeline schedule needs a mesh with a 'pp' axis")
+        grad_fn = _pipeline_grad_fn(graphdef, sc, schedule, mesh)
 
     def step(state: TrainState, windows_KMS, mtp_weight, gamma, spike_factor, spike_warmup):
         params, bias = state["params"], state["bias"]
