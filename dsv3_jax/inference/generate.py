@@ -59,6 +59,17 @@ def _check(prompt_ids: np.ndarray, lengths: np.ndarray, max_new_tokens: int, tem
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _prepare(cfg, prompt_ids, prompt_lengths, max_new_tokens: int, temperature: float, top_k, top_p):
+    """Checked int32 prompts [B, T], their lengths [B] and the output buffer [B, T + N] holding the prompts."""
+    prompt = np.asarray(prompt_ids, dtype=np.int32)
+    b, t = prompt.shape if prompt.ndim == 2 else (0, 0)
+    lengths = np.full((b,), t, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths, np.int64)
+    _check(prompt, lengths, max_new_tokens, temperature, top_k, top_p, cfg.vocab_size, cfg.max_position_embeddings)
+    out = np.zeros((b, t + max_new_tokens), np.int32)
+    out[:, :t] = prompt
+    return prompt, lengths, out
+
+
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
              prompt_lengths: Sequence[int] | None = None, callback: Callable[[int, np.ndarray], None] | None = None,
@@ -70,13 +81,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     `callback(step, tokens_B)` is called with every new column (streaming).
     """
     cfg = model.config
-    prompt = np.asarray(prompt_ids, dtype=np.int32)
-    b, t = prompt.shape if prompt.ndim == 2 else (0, 0)
-    lengths = np.full((b,), t, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths, np.int64)
-    _check(prompt, lengths, max_new_tokens, temperature, top_k, top_p, cfg.vocab_size, cfg.max_position_embeddings)
-    total = t + max_new_tokens
-    out = np.zeros((b, total), np.int32)
-    out[:, :t] = prompt
+    prompt, lengths, out = _prepare(cfg, prompt_ids, prompt_lengths, max_new_tokens, temperature, top_k, top_p)
+    (b, t), total = prompt.shape, out.shape[1]
     if max_new_tokens == 0:
         return out
     dec = Decoder.of(model)

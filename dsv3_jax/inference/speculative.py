@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.inference.decoder import Decoder, compile_step, layer_cache
-from dsv3_jax.inference.generate import _check, filter_logits
+from dsv3_jax.inference.generate import _prepare, filter_logits
 
 
 class SpeculativeStats(NamedTuple):
@@ -101,13 +101,8 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: fl
     if model.mtp is None:
         raise ValueError("speculative decoding needs an MTP module, but this model has num_mtp_layers=0 (a "
                          "checkpoint without the model.layers.{num_hidden_layers}.* tensors)")
-    prompt = np.asarray(prompt_ids, dtype=np.int32)
-    b, t = prompt.shape if prompt.ndim == 2 else (0, 0)
-    lengths = np.full((b,), t, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths, np.int64)
-    _check(prompt, lengths, max_new_tokens, temperature, top_k, top_p, cfg.vocab_size, cfg.max_position_embeddings)
-    total = t + max_new_tokens
-    out = np.zeros((b, total), np.int32)
-    out[:, :t] = prompt
+    prompt, lengths, out = _prepare(cfg, prompt_ids, prompt_lengths, max_new_tokens, temperature, top_k, top_p)
+    b, total = prompt.shape[0], out.shape[1]
     if max_new_tokens == 0:
         return (out, SpeculativeStats(0, 0, 0, 0, b)) if return_stats else out
     dec = Decoder.of(model)
