@@ -7,12 +7,16 @@ import jax
 import jax.numpy as jnp
 
 
+def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] per position, float32 [B, T] (the scores of evaluation, GRPO, distillation)."""
+    logits = logits_BTV.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
     """Mean over unmasked positions of -log softmax(logits)[target], in float32."""
-    logits = logits_BTV.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    nll = logz - picked
+    nll = -token_logprobs(logits_BTV, targets_BT)
     if mask_BT is None:
         return jnp.mean(nll)
     mask = mask_BT.astype(jnp.float32)
