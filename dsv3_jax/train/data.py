@@ -30,7 +30,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)  # ids 0 and 1, matching ModelConfig.bos_token_id / eos_token_id
+# Chat roles (posttrain.chat) and fill-in-the-middle sentinels (paper §4.1), reserved by every trained BPE so that a
+# pretrained model already has their embeddings; ids 0 and 1 match ModelConfig.bos_token_id / eos_token_id.
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+FIM_TOKENS = ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN) + CHAT_TOKENS + FIM_TOKENS
 MIN_BPE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 TEXT_KINDS = ("text", "jsonl")
 TOKEN_KINDS = ("bin", "npy")
@@ -116,6 +120,17 @@ class Tokenizer:
         """Text of ``ids``; special tokens decode to their names; invalid UTF-8 decodes to U+FFFD."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_id(self, token: str) -> int | None:
+        """Id of the special token ``token``, or None when the tokenizer does not have it."""
+        return self._tok.token_to_id(token)
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> "Tokenizer":
+        """A copy with the special tokens it lacks appended (new ids at the end of the vocabulary)."""
+        missing = [t for t in tokens if self.token_id(t) is None]
+        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
+        return Tokenizer(tok)
+
     def to_json(self) -> str:
         """The ``tokenizer.json`` text."""
         return self._tok.to_str()
@@ -160,7 +175,7 @@ class ByteTokenizer(Tokenizer):
         chars = _bytes_to_unicode()
         vocab = {BOS_TOKEN: 0, EOS_TOKEN: 1} | {chars[b]: b + 2 for b in range(256)}
         tok = _byte_level(tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[])), use_regex=False)
-        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS[:2]])
         super().__init__(tok)
 
     def encode(self, text: str) -> list[int]:
@@ -182,7 +197,7 @@ class ByteTokenizer(Tokenizer):
                 run.append(i - 2)
                 continue
             parts.append(run.decode("utf-8", errors="replace"))
-            parts.append(SPECIAL_TOKENS[i])
+            parts.append((BOS_TOKEN, EOS_TOKEN)[i])
             run = bytearray()
         parts.append(run.decode("utf-8", errors="replace"))
         return "".join(parts)
@@ -586,7 +601,7 @@ def train_or_load_tokenizer(inputs: Iterable[str | os.PathLike | DataInput], voc
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < MIN_BPE_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be an integer >= {MIN_BPE_VOCAB_SIZE} (256 byte tokens + "
                          f"{len(SPECIAL_TOKENS)} special tokens) for byte-level BPE, got {vocab_size!r}")
-    digest = _sha({"format": _CACHE_FORMAT, "vocab_size": vocab_size,
+    digest = _sha({"format": _CACHE_FORMAT, "vocab_size": vocab_size, "special_tokens": SPECIAL_TOKENS,
                    "inputs": [_input_fingerprint(inp) for inp in resolved]})
     path = pathlib.Path(cache_dir) / f"tokenizer-{digest}.json"
     if path.is_file():
