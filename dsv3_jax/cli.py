@@ -73,38 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-class _HFTokenizer:
-    """A released checkpoint's tokenizer.json through the tokenizers package."""
-
-    def __init__(self, path: str):
-        import tokenizers
-
-        self.backend = tokenizers.Tokenizer.from_file(path)
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.backend.decode(list(ids))
-
-
 def _load_for_generation(path: str):
-    import os
+    """(model, tokenizer, bos id) of a work directory or released checkpoint (dsv3_jax.load)."""
+    from dsv3_jax.load import load_model_and_tokenizer
 
-    from dsv3_jax.hf import from_pretrained
-    from dsv3_jax.train.loop import load_workdir
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        model, tokenizer = load_workdir(path)
-        if tokenizer is None:
-            raise ValueError(f"{path}: the run trained on pre-tokenized data and has no tokenizer")
-        return model, tokenizer, tokenizer.bos_id
-    tok_path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{path}: no tokenizer.json beside the checkpoint (and no checkpoints/ of a "
-                                "training work directory)")
-    model = from_pretrained(path)
-    return model, _HFTokenizer(tok_path), model.config.bos_token_id
+    model, tokenizer = load_model_and_tokenizer(path)
+    return model, tokenizer, tokenizer.bos_id
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
