@@ -1,0 +1,61 @@
+"""The lm-evaluation-harness adapter: `lm_eval.simple_evaluate` with the registered "dsv3" model on a local JSONL
+task, offline; its accuracies equal dsv3 eval's on the same items."""
+
+import json
+import pytest
+
+from dsv3_jax.eval import EvalSettings, load_jsonl_task, run_task
+
+ITEMS = [
+    {"context": "The sky is", "choices": [" blue", " green", " loud"], "answer": 0},
+    {"context": "Two plus two is", "choices": [" four", " five"], "answer": 0},
+    {"context": "Water is", "choices": [" dry", " wet", " a cat"], "answer": 1},
+    {"context": "Fire is", "choices": [" hot", " cold"], "answer": 0},
+    {"context": "A dog says", "choices": [" meow", " woof", " moo", " quack"], "answer": 1},
+]
+
+TASK_YAML = """\
+task: dsv3_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_simple_evaluate_offline_matches_dsv3_eval(byte_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    import lm_eval  # the test extra installs it
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from dsv3_jax.eval.lm_eval_adapter import DSV3LM
+
+    assert get_model("dsv3") is DSV3LM
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    (tmp_path / "task.yaml").write_text(TASK_YAML.format(data=data))
+    model, tok = byte_model
+    lm = DSV3LM(model=model, tokenizer=tok, batch_size=4)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["dsv3_local_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  bootstrap_iters=0, log_samples=True)
+    theirs = out["results"]["dsv3_local_mc"]
+    ours, records = run_task(model, tok, 0, load_jsonl_task(str(data)), EvalSettings(batch_size=4))
+    assert theirs["acc,none"] == pytest.approx(ours["acc"])
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    # the same per-choice log-likelihoods reached the harness
+    for sample in out["samples"]["dsv3_local_mc"]:
+        got = [r[0] for r in sample["filtered_resps"]]
+        want = records[sample["doc_id"]]["choice_logliks"]
+        assert got == pytest.approx(want, abs=1e-5)
