@@ -69,8 +69,8 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_s
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)  # the program and anything it started (its own session; not yet reaped)
-            proc.communicate()
-            return ExecResult(False, "timeout", "")
+            _, err = proc.communicate()
+            return ExecResult(False, "timeout", err.decode("utf-8", errors="replace")[-2000:])
     tail = err.decode("utf-8", errors="replace")[-2000:]
     return ExecResult(proc.returncode == 0, "passed" if proc.returncode == 0 else "failed", tail)
 
