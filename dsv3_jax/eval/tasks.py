@@ -55,6 +55,12 @@ def _ids(value, where: str, field: str, allow_empty: bool = False) -> list[int]:
     return value
 
 
+def _check_stop(row: dict, where: str) -> None:
+    stop = row.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"{where}: field 'stop' must be a list of non-empty strings")
+
+
 def validate_example(row: dict, kind: str, where: str) -> dict:
     """Check one example of `kind`; raises ValueError naming the field and the row."""
     if not isinstance(row, dict):
@@ -79,14 +85,13 @@ def validate_example(row: dict, kind: str, where: str) -> dict:
     elif kind == "generate":
         _need(row, where, "prompt", str)
         _need(row, where, "answer", str)
-        stop = row.get("stop", [])
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"{where}: field 'stop' must be a list of non-empty strings")
+        _check_stop(row, where)
     elif kind == "code":
         _need(row, where, "prompt", str)
         _need(row, where, "tests", str)
         if "entry_point" in row:
             _need(row, where, "entry_point", str)
+        _check_stop(row, where)
     elif kind == "perplexity":
         if not _need(row, where, "text", str):
             raise ValueError(f"{where}: field 'text' is empty")

@@ -10,7 +10,7 @@ from dsv3_jax.train.data import ByteTokenizer
 
 @pytest.fixture(scope="session")
 def byte_model():
-    cfg = dsv3_jax.get_preset("tiny").replace(vocab_size=258, num_mtp_layers=0, max_position_embeddings=128)
+    cfg = dsv3_jax.get_preset("tiny").replace(vocab_size=258, num_mtp_layers=0, max_position_embeddings=256)
     return dsv3_jax.Transformer(cfg, nnx.Rngs(3)), ByteTokenizer()
 
 

@@ -47,11 +47,12 @@ def test_simple_evaluate_offline_matches_dsv3_eval(byte_model, tmp_path, monkeyp
     data.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
     (tmp_path / "task.yaml").write_text(TASK_YAML.format(data=data))
     model, tok = byte_model
-    lm = DSV3LM(model=model, tokenizer=tok, batch_size=4)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["dsv3_local_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-                                  bootstrap_iters=0, log_samples=True)
+    lm = DSV3LM(model=model, tokenizer=tok, batch_size=8)
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # not lm-eval's thousands of tasks
+    out = lm_eval.simple_evaluate(model=lm, tasks=["dsv3_local_mc"], task_manager=tasks, bootstrap_iters=0,
+                                  log_samples=True)
     theirs = out["results"]["dsv3_local_mc"]
-    ours, records = run_task(model, tok, 0, load_jsonl_task(str(data)), EvalSettings(batch_size=4))
+    ours, records = run_task(model, tok, 0, load_jsonl_task(str(data)), EvalSettings(batch_size=8))
     assert theirs["acc,none"] == pytest.approx(ours["acc"])
     assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     # the same per-choice log-likelihoods reached the harness
