@@ -78,8 +78,8 @@ def test_generation_exact_match_equals_full_forward_greedy(byte_model, tmp_path)
 def test_perplexity_equals_direct_computation(byte_model, tmp_path):
     model, tok = byte_model
     texts = ["def f(x):\n    return x + 1\n", "héllo wörld"]  # multi-byte characters: bytes != characters
-    metrics, records = run_task(model, tok, 0, load_jsonl_task(_write(tmp_path, "ppl.jsonl", [{"text": t} for t in texts])),
-                                SETTINGS)
+    task = load_jsonl_task(_write(tmp_path, "ppl.jsonl", [{"text": t} for t in texts]))
+    metrics, records = run_task(model, tok, 0, task, SETTINGS)
     seqs = [[0] + tok.encode(t) for t in texts]
     want = _summed_logprobs(model, seqs, [len(ids) - 1 for ids in seqs])
     np.testing.assert_allclose([r["loglik"] for r in records], want, atol=1e-4)
