@@ -53,6 +53,10 @@ def run_eval(args: argparse.Namespace, load) -> int:
                             passkey_lengths=tuple(args.lengths), passkey_depths=tuple(args.depths),
                             passkey_trials=args.trials).validate()
     tasks = resolve_tasks(args.task, args.kind, args.limit, args.seed)
+    names = ["builtin:passkey" if t == "passkey" else t.name for t in tasks]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"task {name!r} given twice (JSONL tasks are named by their file's stem)")
     model, tokenizer, bos = load(args.checkpoint)
     results, lines, dumps = {}, [], []
     for task in tasks:
@@ -62,8 +66,6 @@ def run_eval(args: argparse.Namespace, load) -> int:
         else:
             name, kind = task.name, task.kind
             metrics, records = run_task(model, tokenizer, bos, task, settings)
-        if name in results:
-            raise ValueError(f"task {name!r} given twice")
         results[name] = {"kind": kind, **metrics}
         lines.append(_format(name, kind, metrics))
         if kind == "passkey":

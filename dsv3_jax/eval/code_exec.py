@@ -61,7 +61,8 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_s
         with open(os.path.join(cwd, "program.py"), "w") as f:
             f.write(source)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0", "HOME": cwd,
-               "OMP_NUM_THREADS": "1"}
+               "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1"}
         proc = subprocess.Popen([sys.executable, "-I", "-c", _LAUNCHER.format(**limits)], cwd=cwd, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)

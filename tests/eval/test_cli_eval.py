@@ -63,6 +63,7 @@ def test_passkey_table():
     (["--task", "missing.jsonl"], "task file not found: missing.jsonl"),
     (["--task", "builtin:passkey", "--batch-size", "0"], "batch_size must be >= 1"),
     (["--task", "builtin:passkey", "--limit", "0"], "--limit must be >= 1"),
+    (["--task", "builtin:passkey", "--task", "passkey"], "'builtin:passkey' given twice"),
 ])
 def test_eval_bad_arguments(byte_checkpoint, capsys, extra, message):
     assert main(["eval", "--checkpoint", str(byte_checkpoint)] + extra) == 2

@@ -4,7 +4,7 @@ task, offline; its accuracies equal dsv3 eval's on the same items."""
 import json
 import pytest
 
-from dsv3_jax.eval import EvalSettings, load_jsonl_task, run_task
+from dsv3_jax.eval import EvalSettings, load_jsonl_task, loglikelihood, run_task
 
 ITEMS = [
     {"context": "The sky is", "choices": [" blue", " green", " loud"], "answer": 0},
@@ -60,3 +60,17 @@ def test_simple_evaluate_offline_matches_dsv3_eval(byte_model, tmp_path, monkeyp
         got = [r[0] for r in sample["filtered_resps"]]
         want = records[sample["doc_id"]]["choice_logliks"]
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_model_by_name_from_a_checkpoint(byte_checkpoint):
+    """simple_evaluate(model="dsv3", model_args="checkpoint=DIR") builds the model this way."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    import dsv3_jax.eval.lm_eval_adapter  # noqa: F401  (registers "dsv3")
+
+    lm = get_model("dsv3").create_from_arg_string(f"checkpoint={byte_checkpoint}", {"batch_size": 8, "device": None})
+    req = Instance("loglikelihood", {}, ("ab", "c"), 0)
+    [(ll, _)] = lm.loglikelihood([req])
+    want = loglikelihood(lm.model, [([0, ord("a") + 2, ord("b") + 2], [ord("c") + 2])])[0].logprob
+    assert ll == pytest.approx(want) and ll < 0
