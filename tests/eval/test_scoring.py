@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dsv3_jax
-from dsv3_jax.eval import EvalSettings, load_jsonl_task, loglikelihood, rolling_windows, run_task
+from dsv3_jax.cli import main
+from dsv3_jax.eval import loglikelihood, rolling_windows
 from tests import hf_reference as ref
 
 
@@ -17,7 +18,7 @@ def models(tmp_path_factory):
     hf = ref.build_hf_model()
     path = tmp_path_factory.mktemp("hf")
     ref.save_hf(hf, str(path))
-    return hf, dsv3_jax.from_pretrained(path)
+    return hf, dsv3_jax.from_pretrained(path), path
 
 
 def _hf_loglik(hf, ctx, cont):
@@ -28,8 +29,9 @@ def _hf_loglik(hf, ctx, cont):
         int(np.argmax(logp[len(ctx) - 1 + j])) == t for j, t in enumerate(cont))
 
 
-def test_ids_task_logliks_match_transformers(models, tmp_path):
-    hf, m = models
+def test_ids_task_logliks_match_transformers(models, tmp_path, capsys):
+    """`dsv3 eval` on the transformers checkpoint (no tokenizer.json: an ids task) dumps transformers' scores."""
+    hf, _, ckpt = models
     rng = np.random.default_rng(0)
     rows = []
     for i in range(5):  # contexts of 3..40 tokens: several length buckets and a partial last batch
@@ -38,9 +40,11 @@ def test_ids_task_logliks_match_transformers(models, tmp_path):
         rows.append({"context_ids": ctx, "choices_ids": choices, "answer": int(rng.integers(0, len(choices)))})
     path = tmp_path / "ids.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = load_jsonl_task(str(path))
-    assert task.kind == "multiple_choice"
-    metrics, records = run_task(m, None, None, task, EvalSettings(batch_size=8))
+    dump = tmp_path / "scores.jsonl"
+    assert main(["eval", "--checkpoint", str(ckpt), "--task", str(path), "--json", "--dump-scores", str(dump)]) == 0
+    metrics = json.loads(capsys.readouterr().out)["tasks"]["ids"]
+    assert metrics["kind"] == "multiple_choice"
+    records = [json.loads(line) for line in dump.read_text().splitlines()]
     hits = hits_norm = 0
     for row, rec in zip(rows, records):
         want = np.array([_hf_loglik(hf, row["context_ids"], c)[0] for c in row["choices_ids"]])
@@ -52,7 +56,7 @@ def test_ids_task_logliks_match_transformers(models, tmp_path):
 
 
 def test_is_greedy_and_batch_independence(models):
-    hf, m = models
+    hf, m, _ = models
     ctx = [5, 17, 33, 2]
     greedy = []
     for _ in range(3):  # the model's own argmax continuation
@@ -65,7 +69,7 @@ def test_is_greedy_and_batch_independence(models):
 
 
 def test_left_truncation_counts_and_scores_the_last_window(models):
-    _, m = models
+    m = models[1]
     ids = np.random.default_rng(2).integers(0, 96, 150).tolist()  # max_position_embeddings is 128
     r = loglikelihood(m, [(ids[:-4], ids[-4:])])[0]
     assert r.truncated == 150 - 1 - 128 and r.n_tokens == 4
@@ -88,7 +92,7 @@ def test_rolling_windows_predict_every_token_once():
 
 
 def test_rolling_sum_equals_full_sequence_when_it_fits(models):
-    hf, m = models
+    hf, m, _ = models
     ids = np.random.default_rng(3).integers(0, 96, 60).tolist()
     whole = loglikelihood(m, rolling_windows(ids, 128))
     assert len(whole) == 1
