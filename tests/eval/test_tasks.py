@@ -157,3 +157,35 @@ def test_code_pass_at_k_with_sampling(byte_model, tmp_path):
     metrics, records = run_task(model, tok, 0, load_jsonl_task(_write(tmp_path, "code.jsonl", rows)), settings)
     assert [r["statuses"] for r in records] == [["passed"] * 2, ["failed"] * 2, ["passed"] * 2]
     assert metrics == {"pass@1": 2 / 3, "pass@2": 2 / 3, "n": 3, "samples": 2, "temperature": 0.8}
+
+
+def test_builtin_posttrain_hook(monkeypatch):
+    """builtin:addition resolves through dsv3_jax.posttrain.tasks (make_problems, score), here a stand-in."""
+    import sys
+    import types
+
+    from dsv3_jax.eval.cli import resolve_tasks
+
+    fake = types.ModuleType("dsv3_jax.posttrain.tasks")
+    fake.make_problems = lambda task, n, seed: [types.SimpleNamespace(prompt=f"{i}+{seed}=", answer=str(i + seed),
+                                                                      meta={}) for i in range(n)]
+    fake.score = lambda task, completion, problem: float(task == "addition" and completion.strip() == problem.answer)
+    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain", types.ModuleType("dsv3_jax.posttrain"))
+    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain.tasks", fake)
+    [task] = resolve_tasks(["builtin:addition"], None, 3, 5)
+    assert (task.name, task.kind, [ex["prompt"] for ex in task.examples]) == ("builtin:addition", "generate",
+                                                                               ["0+5=", "1+5=", "2+5="])
+    assert task.scorer(" 6 ", task.examples[1]) == 1.0 and task.scorer("7", task.examples[1]) == 0.0
+
+
+def test_builtin_posttrain_missing_module(monkeypatch):
+    import sys
+
+    from dsv3_jax.eval.cli import resolve_tasks
+
+    import types
+
+    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain", types.ModuleType("dsv3_jax.posttrain"))
+    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain.tasks", None)  # import fails as if absent
+    with pytest.raises(ValueError, match="builtin:sorting needs dsv3_jax.posttrain.tasks"):
+        resolve_tasks(["builtin:sorting"], None, None, 0)
