@@ -186,6 +186,6 @@ def test_builtin_posttrain_missing_module(monkeypatch):
     import types
 
     monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain", types.ModuleType("dsv3_jax.posttrain"))
-    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain.tasks", None)  # import fails as if absent
+    monkeypatch.delitem(sys.modules, "dsv3_jax.posttrain.tasks", raising=False)  # a package without it
     with pytest.raises(ValueError, match="builtin:sorting needs dsv3_jax.posttrain.tasks"):
         resolve_tasks(["builtin:sorting"], None, None, 0)
