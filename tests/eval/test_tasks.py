@@ -13,13 +13,23 @@ from dsv3_jax.eval.passkey import FILLER, NEEDLE, make_passkey_problems, passkey
 SETTINGS = EvalSettings(batch_size=8, max_new_tokens=6)
 
 
-def _summed_logprobs(model, sequences, n_scored):
-    """sum of log softmax(logits)[next token] over the last n_scored tokens of each sequence, from one forward of
-    all sequences right-padded to 64 tokens (causal: padding does not change earlier positions), in float64."""
-    batch = np.zeros((len(sequences), 64), np.int32)
-    for r, ids in enumerate(sequences):
-        batch[r, :len(ids)] = ids
-    logits = np.asarray(jax.jit(lambda x: model(x))(batch), np.float64)
+@pytest.fixture(scope="module")
+def forward(byte_model):
+    """The model's logits [8, 64, V] of up to 8 sequences right-padded to 64 tokens (causal: padding does not
+    change earlier positions): one compile for the direct computations of this module."""
+    fn = jax.jit(lambda x: byte_model[0](x))
+
+    def run(sequences):
+        batch = np.zeros((8, 64), np.int32)
+        for r, ids in enumerate(sequences):
+            batch[r, :len(ids)] = ids
+        return np.asarray(fn(batch), np.float64)
+    return run
+
+
+def _summed_logprobs(forward, sequences, n_scored):
+    """sum of log softmax(logits)[next token] over the last n_scored tokens of each sequence, in float64."""
+    logits = forward(sequences)
     logz = logits.max(-1) + np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1))
     return [sum(logits[r, i, ids[i + 1]] - logz[r, i] for i in range(len(ids) - 1 - n, len(ids) - 1))
             for r, (ids, n) in enumerate(zip(sequences, n_scored))]
@@ -31,7 +41,7 @@ def _write(tmp_path, name, rows):
     return str(path)
 
 
-def test_text_multiple_choice_equals_direct_scores(byte_model, tmp_path):
+def test_text_multiple_choice_equals_direct_scores(byte_model, forward, tmp_path):
     model, tok = byte_model
     rows = [{"context": "Q: colour of the sky?\nA: ", "choices": ["blue", "a much longer answer"], "answer": 1},
             {"context": "x", "choices": [" y", "yy", " zzz"], "answer": 2}]
@@ -41,24 +51,20 @@ def test_text_multiple_choice_equals_direct_scores(byte_model, tmp_path):
         ctx = row["context"].rstrip()  # its trailing space goes to the choice
         conts = [(row["context"][len(ctx):] + c).encode() for c in row["choices"]]
         seqs = [[0] + [b + 2 for b in ctx.encode() + cont] for cont in conts]  # byte b is id b + 2
-        want = _summed_logprobs(model, seqs, [len(c) for c in conts])
+        want = _summed_logprobs(forward, seqs, [len(c) for c in conts])
         np.testing.assert_allclose(rec["choice_logliks"], want, atol=1e-4)
         hits += int(np.argmax(want)) == row["answer"]
         hits_norm += int(np.argmax(np.array(want) / [len(c) for c in row["choices"]])) == row["answer"]
     assert metrics == {"acc": hits / 2, "acc_norm": hits_norm / 2, "n": 2, "truncated_requests": 0}
 
 
-def test_generation_exact_match_equals_full_forward_greedy(byte_model, tmp_path):
+def test_generation_exact_match_equals_full_forward_greedy(byte_model, forward, tmp_path):
     model, tok = byte_model
     prompts = ["a", "hello there", "zz", "12+7=4+3-10", "The quick brown fox"]
-    # reference: greedy decoding by full forwards without a cache, all rows in one fixed [5, 64] shape
+    # reference: greedy decoding by full forwards without a cache
     seqs = [[0] + tok.encode(p) for p in prompts]
-    forward = jax.jit(lambda x: model(x))
     for _ in range(6):
-        batch = np.zeros((len(seqs), 64), np.int32)
-        for r, ids in enumerate(seqs):
-            batch[r, :len(ids)] = ids
-        logits = np.asarray(forward(batch))
+        logits = forward(seqs)
         for r, ids in enumerate(seqs):
             ids.append(int(np.argmax(logits[r, len(ids) - 1])))
     expected = []
@@ -75,13 +81,13 @@ def test_generation_exact_match_equals_full_forward_greedy(byte_model, tmp_path)
     assert metrics["exact_match"] == pytest.approx(np.mean([len(e) == 6 for e in expected]))
 
 
-def test_perplexity_equals_direct_computation(byte_model, tmp_path):
+def test_perplexity_equals_direct_computation(byte_model, forward, tmp_path):
     model, tok = byte_model
     texts = ["def f(x):\n    return x + 1\n", "héllo wörld"]  # multi-byte characters: bytes != characters
     task = load_jsonl_task(_write(tmp_path, "ppl.jsonl", [{"text": t} for t in texts]))
     metrics, records = run_task(model, tok, 0, task, SETTINGS)
     seqs = [[0] + tok.encode(t) for t in texts]
-    want = _summed_logprobs(model, seqs, [len(ids) - 1 for ids in seqs])
+    want = _summed_logprobs(forward, seqs, [len(ids) - 1 for ids in seqs])
     np.testing.assert_allclose([r["loglik"] for r in records], want, atol=1e-4)
     total, n = sum(want), sum(len(ids) - 1 for ids in seqs)
     assert metrics["tokens"] == n == metrics["bytes"]  # byte tokenizer: one token per byte
@@ -149,10 +155,11 @@ def test_bad_task_inputs(tmp_path, byte_model):
 def test_code_pass_at_k_with_sampling(byte_model, tmp_path):
     model, tok = byte_model
     stop = ["\n", "\r", "\x00"]  # the sampled bytes stay inside the comment the prompt opens
-    rows = [{"prompt": "def add(a, b):\n    return a + b\n# ", "tests": "assert add(2, 3) == 5", "stop": stop},
-            {"prompt": "def add(a, b):\n    return a - b\n# ", "tests": "assert add(2, 3) == 5", "stop": stop},
-            {"prompt": "def inc(x):\n    return x + 1\n# ", "tests": "def check(f):\n    assert f(1) == 2",
-             "entry_point": "inc", "stop": stop}]
+    # prompts under 32 tokens: the generation test's compiled shapes
+    rows = [{"prompt": "def f(a):\n    return a\n# ", "tests": "assert f(2) == 2", "stop": stop},
+            {"prompt": "def f(a):\n    return 0\n# ", "tests": "assert f(2) == 2", "stop": stop},
+            {"prompt": "def g(x):\n    return x+1\n# ", "tests": "def check(f):\n    assert f(1) == 2",
+             "entry_point": "g", "stop": stop}]
     settings = EvalSettings(batch_size=8, max_new_tokens=6, code_samples=2, pass_ks=(1, 2, 5), code_timeout=10)
     metrics, records = run_task(model, tok, 0, load_jsonl_task(_write(tmp_path, "code.jsonl", rows)), settings)
     assert [r["statuses"] for r in records] == [["passed"] * 2, ["failed"] * 2, ["passed"] * 2]
