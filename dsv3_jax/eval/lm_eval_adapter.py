@@ -30,7 +30,13 @@ class DSV3LM(LM):
                 raise ValueError("DSV3LM: an in-memory model needs its tokenizer")
             bos = model.config.bos_token_id
         self.model, self.tokenizer, self.bos = model, tokenizer, bos
-        self.settings = EvalSettings(batch_size=int(batch_size), max_new_tokens=int(max_gen_toks)).validate()
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            batch_size = 8  # no automatic search: batches are fixed shapes anyway
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise ValueError(f"DSV3LM: batch_size must be an integer or 'auto', got {batch_size!r}") from None
+        self.settings = EvalSettings(batch_size=batch_size, max_new_tokens=int(max_gen_toks)).validate()
 
     def _prefix(self) -> list[int]:
         eos = self.model.config.eos_token_id

@@ -1,10 +1,13 @@
 """The lm-evaluation-harness adapter: `lm_eval.simple_evaluate` with the registered "dsv3" model on a local JSONL
-task, offline; its accuracies equal dsv3 eval's on the same items."""
+task, offline; its accuracies equal dsv3 eval's on the same items; the model built by name from a checkpoint."""
 
 import json
+
+import numpy as np
 import pytest
 
 from dsv3_jax.eval import EvalSettings, load_jsonl_task, loglikelihood, run_task
+from dsv3_jax.train.data import ByteTokenizer
 
 ITEMS = [
     {"context": "The sky is", "choices": [" blue", " green", " loud"], "answer": 0},
@@ -74,3 +77,11 @@ def test_model_by_name_from_a_checkpoint(byte_checkpoint):
     [(ll, _)] = lm.loglikelihood([req])
     want = loglikelihood(lm.model, [([0, ord("a") + 2, ord("b") + 2], [ord("c") + 2])])[0].logprob
     assert ll == pytest.approx(want) and ll < 0
+    text = "The quick brown fox jumps"
+    [rolling] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = [0] + [b + 2 for b in text.encode()]
+    assert rolling == pytest.approx(loglikelihood(lm.model, [(ids[:1], ids[1:])])[0].logprob, abs=1e-4)
+    [gen] = lm.generate_until([Instance("generate_until", {}, (text, {"until": ["o"], "max_gen_toks": 6}), 0)])
+    full = lm.model.generate(np.asarray([ids], np.int32), 6, stop_tokens=[1])[0, len(ids):].tolist()
+    want = ByteTokenizer().decode(full[:full.index(1)] if 1 in full else full)  # up to EOS
+    assert gen == want.split("o")[0]  # and up to the `until` string
