@@ -190,7 +190,10 @@ def run_code(model, tokenizer, bos, task: Task, settings: EvalSettings):
 def run_perplexity(model, tokenizer, bos, task: Task, settings: EvalSettings):
     """Corpus-level token perplexity, byte perplexity and bits per byte (each document scored from BOS)."""
     tok = _need_tokenizer(tokenizer, task, "perplexity")
-    window = settings.ppl_window or model.config.max_position_embeddings
+    max_pos = model.config.max_position_embeddings
+    window = settings.ppl_window or max_pos
+    if not 1 <= window <= max_pos:
+        raise ValueError(f"perplexity window must be in [1, {max_pos}] (the model's context), got {window}")
     requests, owner = [], []
     for i, ex in enumerate(task.examples):
         ids = _bos(bos) + tok.encode(ex["text"])

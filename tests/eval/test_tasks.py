@@ -147,6 +147,11 @@ def test_bad_task_inputs(tmp_path, byte_model):
         passkey_prompt(tok, 40, 0.5, "12345")
     with pytest.raises(ValueError, match="depth must be in"):
         passkey_prompt(tok, 200, 1.5, "12345")
+    ppl = load_jsonl_task(_write(tmp_path, "p.jsonl", [{"text": "abc"}]))
+    with pytest.raises(ValueError, match="perplexity window must be in \\[1, 256\\]"):
+        run_task(model, tok, 0, ppl, EvalSettings(ppl_window=300))
+    with pytest.raises(ValueError, match="stride must be in"):
+        run_task(model, tok, 0, ppl, EvalSettings(ppl_window=8, ppl_stride=9))
     long = load_jsonl_task(_write(tmp_path, "g.jsonl", [{"prompt": "x" * 252, "answer": "y"}]))
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
         run_task(model, tok, 0, long, SETTINGS)
