@@ -114,21 +114,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _load_for_eval(path: str):
-    """(model, tokenizer or None, bos): like generation, but a checkpoint without a tokenizer (no tokenizer.json, or
-    a run trained on pre-tokenized data) still loads; its tasks must then be given as token ids."""
-    import os
+    """(model, tokenizer or None, bos): a checkpoint without a tokenizer still loads (tasks as token ids)."""
+    from dsv3_jax.load import load_model_and_tokenizer
 
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from dsv3_jax.train.loop import load_workdir
-
-        model, tokenizer = load_workdir(path)
-        return model, tokenizer, model.config.bos_token_id if tokenizer is None else tokenizer.bos_id
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return _load_for_generation(path)
-    from dsv3_jax.hf import from_pretrained
-
-    model = from_pretrained(path)
-    return model, None, model.config.bos_token_id
+    model, tokenizer = load_model_and_tokenizer(path, tokenizer_required=False)
+    return model, tokenizer, model.config.bos_token_id if tokenizer is None else tokenizer.bos_id
 
 
 def _csv(cast):
