@@ -84,7 +84,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, rewards=tuple(args.reward or ()), gamma=args.gamma, mtp_weight=args.mtp_weight,
                    system=args.system, seed=args.seed, save_every=args.save_every, keep=args.keep,
-                   resume=args.resume, progress=not args.no_progress)
+                   resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
     try:
         summary = run_grpo(run)
     except GRPOInterrupted:
@@ -282,6 +282,8 @@ def _add_grpo_parser(sub) -> None:
     gr.add_argument("--save-every", type=int, default=50, help="checkpoint every this many iterations")
     gr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     gr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    gr.add_argument("--stop-at", type=int, help="stop after this iteration with a checkpoint, as an interruption "
+                                                "would")
     gr.add_argument("--no-progress", action="store_true")
     gr.set_defaults(func=cmd_grpo)
 

@@ -146,6 +146,7 @@ class GRPOArgs:
     save_every: int = 50
     keep: int = 3
     resume: bool = False
+    stop_at: int | None = None  # stop after this iteration with a checkpoint, as an interruption would
     progress: bool = True
 
 
@@ -185,6 +186,8 @@ def validate_args(args: GRPOArgs) -> None:
         raise ValueError(f"--mtp-weight must be >= 0, got {args.mtp_weight}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.iterations:
+        raise ValueError(f"--stop-at {args.stop_at} must be in [1, --iterations {args.iterations}]")
     parse_reward_weights(args.rewards)
     parse_task(args.task, dict(args.task_options))
 
@@ -370,12 +373,13 @@ class GRPOTrainer:
         return new_state, {"loss": stats.loss, "kl": stats.kl, "clip_frac": stats.clip_frac,
                            "ratio_dev": stats.ratio_dev, "mtp_loss": mtp, "grad_norm": grad_norm}
 
-    def update(self, rollout: Rollout, old_BT, ref_BT) -> dict[str, jax.Array]:
-        """One gradient step on the rollout's GRPO loss; returns the step's metrics."""
+    def update(self, rollout: Rollout, old_BT, ref_BT, gamma: float | None = None) -> dict[str, jax.Array]:
+        """One gradient step on the rollout's GRPO loss (bias speed `gamma`, default --gamma); the step's metrics."""
         a = self.args
+        gamma = a.gamma if gamma is None else gamma
         self.state, m = self._update(self.state, jnp.asarray(rollout.seq_BS), jnp.asarray(rollout.mask_BS),
                                      jnp.asarray(rollout.advantages_B), old_BT, ref_BT, jnp.float32(a.clip_eps),
-                                     jnp.float32(a.kl_beta), jnp.float32(a.mtp_weight), jnp.float32(a.gamma))
+                                     jnp.float32(a.kl_beta), jnp.float32(a.mtp_weight), jnp.float32(gamma))
         return m
 
     def iteration(self, iteration: int) -> dict[str, Any]:
@@ -453,9 +457,9 @@ def run_grpo(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> dict[st
     handlers = {sig: signal.signal(sig, lambda s, f: interrupted.append(s)) for sig in (signal.SIGINT,
                                                                                         signal.SIGTERM)}
     first = last = None
-    it = start
+    it, stop = start, args.stop_at or args.iterations
     try:
-        for it in range(start, args.iterations):
+        for it in range(start, stop):
             row = trainer.iteration(it)
             log.metric(row)
             first = row if first is None else first
@@ -465,7 +469,7 @@ def run_grpo(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> dict[st
                       f"{row['accuracy']:.3f} kl {row['kl']:.4f} len {row['completion_len']:.1f}", end="",
                       file=sys.stderr, flush=True)
             done = it + 1
-            if done % args.save_every == 0 or done == args.iterations:
+            if done % args.save_every == 0 or done == stop:
                 ckpt.save(done, flat_state(trainer.state), run_meta(trainer, done))
             if interrupted:
                 raise GRPOInterrupted
@@ -483,7 +487,7 @@ def run_grpo(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> dict[st
         log.close()
         if args.progress:
             print(file=sys.stderr)
-    summary = {"iterations_done": args.iterations, "workdir": str(workdir)}
+    summary = {"iterations_done": stop, "workdir": str(workdir)}
     if first is not None:
         summary.update(first_reward=first["reward_mean"], last_reward=last["reward_mean"],
                        first_accuracy=first["accuracy"], last_accuracy=last["accuracy"])

@@ -104,6 +104,8 @@ def _countdown(rng: random.Random, count: int, max_number: int) -> Problem:
 def countdown_value(expression: str, numbers: list[int]) -> Fraction | None:
     """The exact value of an arithmetic expression using each of `numbers` at most once; None when it is not one
     (other syntax, names, calls, a number not available or used too often, division by zero)."""
+    if _EXPR_RE.fullmatch(expression.strip()) is None:  # decimal literals only: no 0x3, 3.0, True, names
+        return None
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError):
