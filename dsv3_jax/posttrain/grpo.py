@@ -153,8 +153,8 @@ class GRPOArgs:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def validate_args(args: GRPOArgs) -> None:
-    """ValueError naming the first bad flag."""
+def validate_args(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> None:
+    """ValueError naming the first bad flag (FileNotFoundError for a missing --task file)."""
     for name in ("iterations", "prompts_per_batch", "group_size", "updates_per_batch", "max_new_tokens",
                  "save_every", "keep"):
         value = getattr(args, name)
@@ -188,7 +188,7 @@ def validate_args(args: GRPOArgs) -> None:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.stop_at is not None and not 0 < args.stop_at <= args.iterations:
         raise ValueError(f"--stop-at {args.stop_at} must be in [1, --iterations {args.iterations}]")
-    parse_reward_weights(args.rewards)
+    parse_reward_weights(args.rewards, rules)
     parse_task(args.task, dict(args.task_options))
 
 
@@ -251,7 +251,7 @@ class GRPOTrainer:
     """The policy (state: params, bias, optimizer), the frozen reference, the problem stream and the jitted steps."""
 
     def __init__(self, args: GRPOArgs, model, tokenizer, rules: Mapping[str, RewardFn] = REWARDS):
-        validate_args(args)
+        validate_args(args, rules)
         self.args = args
         self.cfg = model.config
         self.precision = _precision_name(model.precision)
@@ -357,7 +357,7 @@ class GRPOTrainer:
 
         params = state["params"]
         (_, (stats, mtp, counts, mtp_counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = self.optimizer.update(grads, state["opt"], params)
         if not train_mtp:  # no gradient reaches them, but weight decay would still move them
             updates = jax.tree_util.tree_map_with_path(
@@ -425,7 +425,7 @@ def run_grpo(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> dict[st
     from dsv3_jax.train.checkpoint import Checkpointer
     from dsv3_jax.train.loop import _abstract, _Log, flat_state, unflat_state
 
-    validate_args(args)
+    validate_args(args, rules)
     workdir = pathlib.Path(args.workdir)
     if workdir.resolve() == pathlib.Path(args.init).resolve():
         raise ValueError("--workdir must differ from --init (the reference model is read from --init)")
