@@ -272,6 +272,7 @@ class GRPOTrainer:
         else:
             self.pool = load_problems(path)
         self.prompts = [render_prompt(p.prompt, self.tokenizer, args.system) for p in self.pool]
+        self._perm_epoch, self._perm = -1, None
         self.prompt_len = max(len(p) for p in self.prompts)  # every batch is padded to it: one compile
         if self.prompt_len + args.max_new_tokens > self.cfg.max_position_embeddings:
             raise ValueError(f"the longest prompt ({self.prompt_len} tokens) + --max-new-tokens {args.max_new_tokens} "
@@ -290,11 +291,13 @@ class GRPOTrainer:
     def batch_indices(self, iteration: int) -> list[int]:
         """Pool indices of the iteration's prompts: the pool in a seeded order per epoch, P at a time."""
         n, p = len(self.pool), self.args.prompts_per_batch
-        out = []
-        for g in range(iteration * p, (iteration + 1) * p):
-            perm = np.random.default_rng([self.args.seed, g // n]).permutation(n)
-            out.append(int(perm[g % n]))
-        return out
+        return [int(self._permutation(g // n)[g % n]) for g in range(iteration * p, (iteration + 1) * p)]
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.pool))
+            self._perm_epoch = epoch
+        return self._perm
 
     def policy(self):
         """The current policy as a Transformer (shares the state's arrays)."""
