@@ -279,6 +279,8 @@ class GRPOTrainer:
                              f"exceeds the model's max_position_embeddings {self.cfg.max_position_embeddings}")
         self.total_updates = args.iterations * args.updates_per_batch
         self.graphdef, params, bias = split_model(model)
+        # committed to one device like restored arrays: a fresh and a resumed run compile the same programs
+        params, bias = jax.device_put((params, bias), jax.devices()[0])
         self.ref_params, self.ref_bias = params, bias  # jax arrays are immutable: the reference never moves
         self.optimizer = grpo_optimizer(params, args, self.total_updates)
         self.lr = lr_schedule(args, self.total_updates)
@@ -372,9 +374,13 @@ class GRPOTrainer:
             return b if c is None else update_expert_bias(b, c, gamma)
 
         new_bias = jax.tree_util.tree_map_with_path(move_bias, state["bias"])
-        new_state = {**state, "params": new_params, "bias": new_bias, "opt": new_opt, "step": state["step"] + 1}
+        # a non-finite loss or gradient skips the update (parameters, bias and optimizer state kept), as in train
+        skip = ~(jnp.isfinite(stats.loss) & jnp.isfinite(mtp) & jnp.isfinite(grad_norm))
+        keep = lambda old, new: jax.tree.map(lambda a, b: jnp.where(skip, a, b), old, new)
+        new_state = {**state, "params": keep(params, new_params), "bias": keep(state["bias"], new_bias),
+                     "opt": keep(state["opt"], new_opt), "step": state["step"] + 1}
         return new_state, {"loss": stats.loss, "kl": stats.kl, "clip_frac": stats.clip_frac,
-                           "ratio_dev": stats.ratio_dev, "mtp_loss": mtp, "grad_norm": grad_norm}
+                           "ratio_dev": stats.ratio_dev, "mtp_loss": mtp, "grad_norm": grad_norm, "skipped": skip}
 
     def update(self, rollout: Rollout, old_BT, ref_BT, gamma: float | None = None) -> dict[str, jax.Array]:
         """One gradient step on the rollout's GRPO loss (bias speed `gamma`, default --gamma); the step's metrics."""
@@ -401,7 +407,8 @@ class GRPOTrainer:
                "ratio_dev_first": float(steps[0]["ratio_dev"]), "grad_norm": mean("grad_norm"),
                "reward_mean": float(ro.rewards_B.mean()), "reward_std": float(ro.rewards_B.std()),
                "accuracy": float(ro.parts["accuracy"].mean()), "completion_len": float(ro.lengths_B.mean()),
-               "lr": lr, "sample_time": t1 - t0, "update_time": t2 - t1}
+               "lr": lr, "skipped": int(sum(bool(s["skipped"]) for s in steps)), "sample_time": t1 - t0,
+               "update_time": t2 - t1}
         row.update({f"reward_{name}": float(v.mean()) for name, v in ro.parts.items() if name != "accuracy"})
         if self.args.mtp_weight > 0:
             row["mtp_loss"] = mean("mtp_loss")
@@ -465,6 +472,9 @@ def run_grpo(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> dict[st
         for it in range(start, stop):
             row = trainer.iteration(it)
             log.metric(row)
+            if row["skipped"]:
+                log.event(it + 1, "skipped_updates", count=row["skipped"], loss=row["loss"],
+                          grad_norm=row["grad_norm"], note="non-finite loss or gradient")
             first = row if first is None else first
             last = row
             if args.progress:

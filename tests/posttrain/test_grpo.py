@@ -136,3 +136,12 @@ def test_cli_flag_errors(tmp_path, capsys, flags, match):
     argv = ["grpo", "--init", str(tmp_path / "none"), "--workdir", str(tmp_path / "w"), *flags]
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_nonfinite_update_is_skipped(trained):
+    trainer, *_ = trained
+    ro = trainer.rollout(3)
+    old = trainer.logprobs(trainer.state["params"], trainer.state["bias"], ro.seq_BS)
+    before = jax.tree.map(np.array, trainer.state["params"])
+    m = trainer.update(ro._replace(advantages_B=np.full_like(ro.advantages_B, np.nan)), old, old)
+    assert bool(m["skipped"]) and _same(trainer.state["params"], before)
