@@ -1,8 +1,11 @@
 """The GRPO trainer on the tiny model: samples and masks, ratio 1 at the first update, the policy moves and the
-reference does not, expert bias and MTP frozen by default, bias moving with gamma > 0, checkpoints that
-`load_model_and_tokenizer` reads, and a resumed run equal to an uninterrupted one; flag validation."""
+reference does not, expert bias and MTP frozen by default, bias moving with gamma > 0, non-finite updates
+skipped, Ctrl-C saving a checkpoint that `load_model_and_tokenizer` reads and a resumed run equal to an
+uninterrupted one; flag validation."""
 
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -12,7 +15,7 @@ from flax import nnx
 import dsv3_jax
 from dsv3_jax.cli import main
 from dsv3_jax.load import load_model_and_tokenizer
-from dsv3_jax.posttrain.grpo import GRPOArgs, GRPOTrainer, run_grpo
+from dsv3_jax.posttrain.grpo import GRPOArgs, GRPOInterrupted, GRPOTrainer, run_grpo
 from dsv3_jax.posttrain.rewards import REWARDS
 from dsv3_jax.train.data import Tokenizer
 from dsv3_jax.train.step import split_model
@@ -107,10 +110,20 @@ def test_gamma_moves_the_bias(trained):
     assert np.any(delta != 0) and np.allclose(np.abs(delta[delta != 0]), 0.01)
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(init_dir, trained, tmp_path):
+def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(init_dir, trained, tmp_path):
     _, want_rows, _, _, want_params = trained  # the fixture's two iterations, uninterrupted
-    run_grpo(_args(init_dir, tmp_path, stop_at=1), RULES)
+    calls = []
+
+    def ctrl_c_during_first_iteration(*a):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return chars_reward(*a)
+
+    with pytest.raises(GRPOInterrupted):
+        run_grpo(_args(init_dir, tmp_path), {**RULES, "chars": ctrl_c_during_first_iteration})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert json.loads((tmp_path / "events.jsonl").read_text().splitlines()[-1])["event"] == "interrupted"
     with pytest.raises(ValueError, match="--resume"):
         run_grpo(_args(init_dir, tmp_path), RULES)
     summary = run_grpo(_args(init_dir, tmp_path, resume=True), RULES)
