@@ -279,12 +279,13 @@ class GRPOTrainer:
                              f"exceeds the model's max_position_embeddings {self.cfg.max_position_embeddings}")
         self.total_updates = args.iterations * args.updates_per_batch
         self.graphdef, params, bias = split_model(model)
-        # committed to one device like restored arrays: a fresh and a resumed run compile the same programs
+        # committed to one device like the update's outputs and restored arrays: every iteration, fresh or
+        # resumed, runs the same compiled programs
         params, bias = jax.device_put((params, bias), jax.devices()[0])
         self.ref_params, self.ref_bias = params, bias  # jax arrays are immutable: the reference never moves
         self.optimizer = grpo_optimizer(params, args, self.total_updates)
         self.lr = lr_schedule(args, self.total_updates)
-        self.state = init_state(params, bias, self.optimizer)
+        self.state = jax.device_put(init_state(params, bias, self.optimizer), jax.devices()[0])
         self._logprobs = jax.jit(self._logprobs_fn)
         self._update = jax.jit(self._update_fn)
 

@@ -61,6 +61,8 @@ def trained(init_dir, tmp_path_factory):
     params0, bias0 = jax.tree.map(np.array, (params0, bias0))
     trainer = GRPOTrainer(_args(init_dir, tmp_path_factory.mktemp("unused")), model, tok, RULES)
     rows = [trainer.iteration(0), trainer.iteration(1)]
+    # one compiled program each for all iterations and for policy and reference alike
+    assert trainer._update._cache_size() == 1 and trainer._logprobs._cache_size() == 1
     return trainer, rows, params0, bias0, jax.tree.map(np.array, trainer.state["params"])
 
 
