@@ -43,8 +43,7 @@ from dsv3_jax.inference.generate import generate
 from dsv3_jax.losses import token_logprobs
 from dsv3_jax.posttrain.chat import chat_tokenizer, render_prompt
 from dsv3_jax.posttrain.rewards import REWARDS, RewardFn, compute_rewards, parse_reward_weights
-from dsv3_jax.posttrain.tasks import (TASKS, Problem, load_problems, make_problems, problem_scorer, score,
-                                      task_options)
+from dsv3_jax.posttrain.tasks import TASKS, load_problems, make_problems, problem_scorer, score, task_options
 from dsv3_jax.precision import PRECISION_NAMES, Precision
 from dsv3_jax.train.optim import adamw_bf16_moments, decay_mask
 from dsv3_jax.train.step import init_state, split_model
@@ -261,8 +260,8 @@ class GRPOTrainer:
         too_big = [t for t in ("<|system|>", "<|user|>", "<|assistant|>")
                    if self.tokenizer.token_id(t) >= self.cfg.vocab_size]
         if too_big or self.tokenizer.eos_id >= self.cfg.vocab_size:
-            raise ValueError(f"the tokenizer's chat tokens {too_big or ['<|eos|>']} have ids past the model's vocabulary "
-                             f"({self.cfg.vocab_size}); GRPO needs a model whose tokenizer has the chat tokens")
+            raise ValueError(f"the tokenizer's chat tokens {too_big or ['<|eos|>']} have ids past the model's "
+                             f"vocabulary ({self.cfg.vocab_size}); GRPO needs a model whose tokenizer has them")
         self.rules = rules
         self.weights = parse_reward_weights(args.rewards, rules)
         self.task, path = parse_task(args.task, dict(args.task_options))
