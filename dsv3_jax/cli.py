@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-new-tokens", type=int, default=64, help="generation and code tasks")
+    ev.add_argument("--chat", action="store_true", help="generation prompts as a user turn of the chat template "
+                    "(models after dsv3 sft / dsv3 grpo)")
     ev.add_argument("--top-k", type=int, help="code sampling")
     ev.add_argument("--top-p", type=float, help="code sampling")
     ev.add_argument("--samples", type=int, default=1, help="code samples per problem (n of pass@k)")
