@@ -24,7 +24,8 @@ from dsv3_jax.model.moe import MoE  # noqa: E402
 from dsv3_jax.model.transformer import Transformer  # noqa: E402
 from dsv3_jax.train.loop import RunArgs, train  # noqa: E402
 from dsv3_jax.train.optim import make_optimizer  # noqa: E402
-from dsv3_jax.train.step import Batch, StepConfig, batch_loss_terms, init_state, make_train_step, split_model  # noqa: E402,E501
+from dsv3_jax.train.step import (Batch, StepConfig, batch_loss_terms, init_state, make_train_step,  # noqa: E402
+                                 split_model)
 from sharding.mesh import build_mesh  # noqa: E402
 from sharding.rules import batch_spec, train_state_shardings  # noqa: E402
 
