@@ -1,5 +1,6 @@
-"""Tests for pallas_kernels/dispatch.py: contiguous-layout token dispatch and combine (reference §5.2), the Pallas
-gathers in interpret mode and the jnp references, against a NumPy restatement of the layout."""
+"""MoE dispatch and combine in the contiguous layout (reference §5.2): model/experts.py's entry points over the
+Pallas gathers of pallas_kernels/dispatch.py (interpret mode) and their jnp references, against a NumPy
+restatement of the layout."""
 
 import re
 
