@@ -240,18 +240,21 @@ N = 16 if QUICK else 64
 texts = ["def ", "import os\\n", "class ", "    return "]
 prompts = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
 width = max(map(len, prompts))
-batch = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)  # left-padded ...
-lengths = [len(p) for p in prompts]  # ... with each row's true length'''),
+batch = np.array([p + [0] * (width - len(p)) for p in prompts], np.int32)  # right-padded ...
+lengths = [len(p) for p in prompts]  # ... with each row's true length: row b continues at lengths[b]'''),
         new_code_cell('''greedy = model.generate(batch, N, prompt_lengths=lengths)
 sampled = model.generate(batch, N, temperature=0.8, top_k=50, seed=0, prompt_lengths=lengths)
-for t, g, s in zip(texts, greedy, sampled):
-    print(f"{t!r:14} greedy  {tokenizer.decode(g[width:])!r}\\n{'':14} sampled {tokenizer.decode(s[width:])!r}")'''),
+for t, n, g, s in zip(texts, lengths, greedy, sampled):
+    print(f"{t!r:14} greedy  {tokenizer.decode(g[n:n + N])!r}\\n{'':14} sampled {tokenizer.decode(s[n:n + N])!r}")'''),
         new_markdown_cell("Speculative decoding: each main-model forward verifies the MTP module's draft; greedy "
                           "output is token for token the plain greedy output."),
         new_code_cell('''spec, stats = speculative_generate(model, batch, N, prompt_lengths=lengths, return_stats=True)
 assert (np.asarray(spec) == np.asarray(greedy)).all()
 print(stats)
 print(f"acceptance rate {stats.acceptance_rate:.2f}, new tokens per row per forward {stats.tokens_per_forward:.2f}")'''),
+        new_markdown_cell("With sampling, a draft is accepted with probability min(1, p/q) (p: the main model's, q: "
+                          "the draft's distribution), so two near-uniform distributions (an undertrained model) "
+                          "accept almost every draft, while greedy acceptance needs the two argmaxes to agree."),
         new_code_cell('''import matplotlib.pyplot as plt
 
 temperatures = [0.0, 1.0] if QUICK else [0.0, 0.5, 0.8, 1.0]

@@ -105,7 +105,11 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-    """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both."""
+    """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both.
+
+    `model(tokens)`, `forward` and `forward_cached` run compiled on concrete arrays (one compile per structure,
+    shapes and flags; the current parameters every call) and as the plain body under a trace; `with
+    jax.disable_jit():` runs them op by op for debugging (dsv3_jax/model/compiled.py)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, precision: Precision = FP32):
         cfg.validate()
