@@ -57,8 +57,9 @@ ckpt = tempfile.mkdtemp(prefix="dsv3-tour-")
 dsv3_jax.save_pretrained(model, ckpt)  # config.json + safetensors, the layout of the released weights
 model = dsv3_jax.from_pretrained(ckpt)
 print(sorted(os.listdir(ckpt)))
-print({k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "first_k_dense_replace", "n_routed_experts",
-                                    "num_experts_per_tok", "n_group", "topk_group", "kv_lora_rank", "num_mtp_layers")})'''),
+fields = ("hidden_size", "num_hidden_layers", "first_k_dense_replace", "n_routed_experts", "num_experts_per_tok",
+          "n_group", "topk_group", "kv_lora_rank", "num_mtp_layers")
+print({k: getattr(cfg, k) for k in fields})'''),
         new_markdown_cell("## Logits\n\n`model(tokens)` and `model.forward(tokens)` run compiled: the first call of "
                           "a shape compiles, later calls reuse the program and always see the current parameters. "
                           "Inside your own `jax.jit` they run as plain traced code. For debugging, "
@@ -251,7 +252,8 @@ for t, n, g, s in zip(texts, lengths, greedy, sampled):
         new_code_cell('''spec, stats = speculative_generate(model, batch, N, prompt_lengths=lengths, return_stats=True)
 assert (np.asarray(spec) == np.asarray(greedy)).all()
 print(stats)
-print(f"acceptance rate {stats.acceptance_rate:.2f}, new tokens per row per forward {stats.tokens_per_forward:.2f}")'''),
+print(f"acceptance rate {stats.acceptance_rate:.2f}, "
+      f"new tokens per row per forward {stats.tokens_per_forward:.2f}")'''),
         new_markdown_cell("With sampling, a draft is accepted with probability min(1, p/q) (p: the main model's, q: "
                           "the draft's distribution), so two near-uniform distributions (an undertrained model) "
                           "accept almost every draft, while greedy acceptance needs the two argmaxes to agree."),

@@ -44,7 +44,8 @@ def test_notebooks_are_committed_without_outputs():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, shared_tiny_run, results_dir, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # this checkout first
+    env = {**os.environ, "PYTHONPATH": pythonpath,
            "DSV3_NB_QUICK": "1", "DSV3_NB_WORKDIR": str(shared_tiny_run), "DSV3_NB_RESULTS": str(results_dir),
            "MPLBACKEND": "agg"}
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",

@@ -3,7 +3,6 @@
 plain body under an outer trace."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
