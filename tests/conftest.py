@@ -14,3 +14,20 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dsv3-jax-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+SHARED_RUN = dict(steps=20, batch=4, seq_len=32, corpus_bytes=200_000)  # the notebooks' quick size (DSV3_NB_QUICK)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_run(tmp_path_factory):
+    """Work directory of one short `tiny` pretraining run (20 steps, batch 4 x 32 tokens), trained once per session
+    and shared by the notebooks and the experiments' quick tests. Read it; do not resume or modify it."""
+    from dsv3_jax.train.loop import RunArgs, train
+
+    workdir = tmp_path_factory.mktemp("shared-tiny-run") / "run"
+    train(RunArgs(workdir=str(workdir), preset="tiny", save_every=SHARED_RUN["steps"], sample_tokens=0,
+                  progress=False, **SHARED_RUN))
+    return workdir

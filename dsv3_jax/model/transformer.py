@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import fp8_linear
+from dsv3_jax.model.compiled import compiled_method
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE, MoEAux
@@ -104,7 +105,11 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-    """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both."""
+    """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both.
+
+    `model(tokens)`, `forward` and `forward_cached` run compiled on concrete arrays (one compile per structure,
+    shapes and flags; the current parameters every call) and as the plain body under a trace; `with
+    jax.disable_jit():` runs them op by op for debugging (dsv3_jax/model/compiled.py)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, precision: Precision = FP32):
         cfg.validate()
@@ -130,10 +135,12 @@ class Transformer(nnx.Module):
         w = self.embed[...].T if self.head is None else self.head[...]
         return jnp.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
 
+    @compiled_method
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Main-head logits [B, T, V] (float32)."""
         return self.forward(tokens_BT, mtp=False).logits
 
+    @compiled_method
     def forward(self, tokens_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                 positions_BT: jax.Array | None = None, mtp: bool = True, absorbed: bool = False,
                 remat: str = "none") -> ModelOutput:
@@ -185,6 +192,7 @@ class Transformer(nnx.Module):
         return fn(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop_tokens=stop_tokens, **kwargs)
 
+    @compiled_method
     def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache, layers=None):
         """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache; returns
         (logits, hidden [B,T,D] after the final norm, updated cache). Prefill passes the prompt at positions
