@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
                   prompt=args.prompt,
                   sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh,
-                  pipeline=args.pipeline, microbatches=args.microbatches)
+                  pipeline=args.pipeline, microbatches=args.microbatches, init=args.init,
+                  yarn_factor=args.yarn_factor, yarn_original_len=args.yarn_original_len)
     try:
         summary = train(run)
     except TrainingInterrupted:
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pipeline", choices=PIPELINE_SCHEDULES, help="pipeline schedule over the mesh's pp axis (required "
                                                           "when pp > 1)")
     tr.add_argument("--microbatches", type=int, help="pipeline micro-batches per --micro-batch (default 2 * pp)")
+    tr.add_argument("--init", help="continue pretraining from this work directory or released-format checkpoint "
+                                   "(its config and tokenizer; paper §4.3 recipe: constant LR = the run's peak x "
+                                   "7.3e-6/2.2e-4 unless --lr, fixed batch, MTP weight 0.1, bias speed 0)")
+    tr.add_argument("--yarn-factor", type=float, help="with --init: context extension, rope switched to YaRN with "
+                                                      "this scale factor (beta 32/1, mscale 1)")
+    tr.add_argument("--yarn-original-len", type=int, help="YaRN's original length (default: the --init run's "
+                                                          "--seq-len)")
     tr.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a released-format checkpoint or a training workdir")
