@@ -89,6 +89,20 @@ def causal_mask(t: int) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
 
 
+def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
+    """[B, T, T] boolean: causal and same segment (packed samples do not attend to each other)."""
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return same_BTS & causal_mask(segment_ids_BT.shape[1])
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """int32 [B, T]: each token's position within its segment (0 where a new segment id starts)."""
+    b, t = segment_ids_BT.shape
+    idx_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    starts_BT = jnp.concatenate([jnp.ones((b, 1), jnp.bool_), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], 1)
+    return idx_BT - jax.lax.cummax(jnp.where(starts_BT, idx_BT, 0), axis=1)
+
+
 class Transformer(nnx.Module):
     """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both."""
 
@@ -120,17 +134,26 @@ class Transformer(nnx.Module):
         """Main-head logits [B, T, V] (float32)."""
         return self.forward(tokens_BT, mtp=False).logits
 
-    def forward(self, tokens_BT: jax.Array, *, mtp: bool = True, positions_BT: jax.Array | None = None,
-                absorbed: bool = False, remat: str = "none") -> ModelOutput:
+    def forward(self, tokens_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
+                positions_BT: jax.Array | None = None, mtp: bool = True, absorbed: bool = False,
+                remat: str = "none") -> ModelOutput:
         """Full forward: main logits, MTP logits (when mtp and the model has MTP modules), expert counts and
         balance terms. `absorbed` runs attention in the weight-absorbed form (same result); `remat` is the
-        recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy)."""
+        recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy).
+
+        segment_ids_BT (int32, packed samples): attention is causal within a segment only, positions (RoPE) restart
+        at 0 at each segment start unless positions_BT is given, and MTP module k at position i sees Emb(t_{i+k})
+        only inside i's segment (zeros otherwise). Expert counts and the balance terms cover every token of a row
+        (padding included); a packed row is one "sequence" of the sequence-wise balance loss."""
         cfg = self.config
         b, t = tokens_BT.shape
+        if segment_ids_BT is not None and tuple(segment_ids_BT.shape) != (b, t):
+            raise ValueError(f"segment_ids_BT has shape {tuple(segment_ids_BT.shape)}, expected the tokens' {(b, t)}")
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions_BT = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if segment_ids_BT is None
+                            else segment_positions(segment_ids_BT))
         cos, sin = rope_cos_sin(positions_BT, cfg)
-        mask = causal_mask(t)
+        mask = causal_mask(t) if segment_ids_BT is None else segment_mask(segment_ids_BT)
         emb_BTD = self.embed_tokens(tokens_BT)
 
         def body(layer, h, *_):
@@ -147,7 +170,8 @@ class Transformer(nnx.Module):
         mtp_logits = mtp_counts = None
         mtp_balance = zero
         if mtp and self.mtp is not None:
-            mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask, remat)
+            mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask, remat,
+                                                                    segment_ids_BT)
         return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -192,13 +216,19 @@ class Transformer(nnx.Module):
         hidden = self.norm(h)
         return self.output_head(hidden), hidden, new_cache
 
-    def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask, remat: str):
-        """Run the D MTP modules in sequence; module k sees Emb(t_{i+k}) (zeros past the end)."""
+    def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask, remat: str, segment_ids_BT=None):
+        """Run the D MTP modules in sequence; module k sees Emb(t_{i+k}) (zeros past the end, or outside i's
+        segment when segment ids are given)."""
         d = self.config.num_mtp_layers
         t = tokens_BT.shape[1]
         shifted = jnp.stack([jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k))) for k in range(1, d + 1)])
         emb_DBTD = self.embed_tokens(shifted)
         valid = jnp.arange(t)[None, None, :] < (t - jnp.arange(1, d + 1))[:, None, None]
+        if segment_ids_BT is not None:
+            seg = segment_ids_BT
+            shifted_seg = jnp.stack([jnp.pad(seg[:, k:], ((0, 0), (0, k)), constant_values=-1)
+                                     for k in range(1, d + 1)])
+            valid = valid & (shifted_seg == seg[None])
         emb_DBTD = jnp.where(valid[..., None], emb_DBTD, 0)
 
         def body(module, h_prev, emb):

@@ -4,6 +4,10 @@ loss = CE + lambda * L_MTP + alpha * L_Bal, gradients accumulated in float32 ove
 (bf16 moments) applied once, then the auxiliary-loss-free bias update from the expert counts of the whole batch.
 A non-finite loss or gradient, or a loss spike past `spike_factor` x its running mean, skips the update (params,
 optimizer state and expert bias stay as they were) and reports it.
+
+A step takes plain token windows or a `Batch` with per-token loss masks and segment ids (packed post-training
+samples): the CE is then the loss-mask-weighted mean over the micro-batch's targets that lie in their input's
+segment, and the MTP loss is masked the same way (losses.target_weights).
 """
 
 from __future__ import annotations
@@ -20,12 +24,45 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.balance import max_violation, update_expert_bias
-from dsv3_jax.losses import cross_entropy, mtp_loss
+from dsv3_jax.losses import cross_entropy, mtp_loss, target_weights
 from dsv3_jax.model.params import ExpertBias
 from dsv3_jax.model.transformer import Transformer
 from sharding.rules import batch_spec, constrain
 
 TrainState = dict[str, Any]  # {"params", "bias", "opt", "loss_ema", "step"}: a pytree orbax saves as is
+
+
+class Batch(NamedTuple):
+    """Token windows with optional per-token loss weights and segment ids, all [..., S] (S = T + 1)."""
+
+    tokens: jax.Array  # int32 [..., S]: inputs tokens[..., :-1], targets tokens[..., 1:]
+    loss_mask: jax.Array | None = None  # [..., S] float32 or bool: weight of the prediction OF token j (j >= 1;
+    #                                     column 0 unused); None = all ones
+    segment_ids: jax.Array | None = None  # int32 [..., S]: equal id = same packed sample; attention only within a
+    #                                       segment, positions restart at 0 at each segment start; id 0 = padding
+    #                                       (never a loss target)
+
+
+def as_batch(windows) -> Batch:
+    """A Batch from a Batch or a plain int token-window array; ValueError when the fields' shapes differ."""
+    batch = windows if isinstance(windows, Batch) else Batch(windows)
+    shape = tuple(batch.tokens.shape)
+    for name in ("loss_mask", "segment_ids"):
+        a = getattr(batch, name)
+        if a is not None and tuple(a.shape) != shape:
+            raise ValueError(f"Batch.{name} has shape {tuple(a.shape)}, expected the tokens' shape {shape}")
+    return batch
+
+
+def batch_loss_terms(model: Transformer, batch: Batch, mtp_weight, balance_alpha: float, remat: str = "none"):
+    """(loss, (ce, mtp, bal), out) of one micro-batch Batch [M, S]: loss = ce + mtp_weight * mtp + bal."""
+    tokens, seg = batch.tokens, batch.segment_ids
+    out = model.forward(tokens[:, :-1], segment_ids_BT=None if seg is None else seg[:, :-1], remat=remat)
+    ce = cross_entropy(out.logits, tokens[:, 1:], target_weights(tokens.shape, 1, batch.loss_mask, seg))
+    mtp = (jnp.zeros((), jnp.float32) if out.mtp_logits is None
+           else mtp_loss(out.mtp_logits, tokens, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg))
+    bal = balance_alpha * (out.balance + out.mtp_balance)
+    return ce + mtp_weight * mtp + bal, (ce, mtp, bal), out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +117,8 @@ def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
 
     n = schedule.microbatches
 
-    def grad_fn(params, bias, window_MS, mtp_weight):
+    def grad_fn(params, bias, batch_MS: Batch, mtp_weight):
+        window_MS = batch_MS.tokens  # masks are refused before the jit (make_train_step's call)
         windows_NBS = window_MS.reshape((n, window_MS.shape[0] // n) + window_MS.shape[1:])
         windows_NBS = constrain(windows_NBS, (None, "batch", None))
         loss, grads, (ce, mtp, bal), counts, mtp_counts = pipeline_train_terms(
@@ -95,7 +133,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
                     state_shardings=None, schedule=None) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
-    windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets).
+    windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets), an int
+    array [K, M, S] or a `Batch` whose fields are [K, M, S] (None fields: no mask; one compile per shape and set of
+    fields present). The loss, CE and MTP terms of the K micro-batches are averaged (each micro-batch's masked CE
+    is normalised by its own target count).
     The schedule values and the spike-guard settings enter as traced scalars, so changing them never recompiles.
     With a `mesh` (sharding/mesh.py) the step runs over it: the state in `state_shardings`
     (sharding.rules.train_state_shardings), the windows split over M on ('dp', 'ep'), GSPMD for data
@@ -105,14 +146,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
     loss, gradients and expert counts come from the pipeline executor (same values); the update is the same.
     """
 
-    def loss_fn(params, bias, window_MS, mtp_weight):
-        window_MS = constrain(window_MS, ("batch", None))
+    def loss_fn(params, bias, batch_MS: Batch, mtp_weight):
+        batch_MS = jax.tree.map(lambda a: constrain(a, ("batch", None)), batch_MS)
         model = nnx.merge(graphdef, params, bias)
-        out = model.forward(window_MS[:, :-1], remat=sc.remat)
-        ce = cross_entropy(out.logits, window_MS[:, 1:])
-        mtp = jnp.zeros((), jnp.float32) if out.mtp_logits is None else mtp_loss(out.mtp_logits, window_MS)
-        bal = sc.balance_alpha * (out.balance + out.mtp_balance)
-        loss = ce + mtp_weight * mtp + bal
+        loss, (ce, mtp, bal), out = batch_loss_terms(model, batch_MS, mtp_weight, sc.balance_alpha, sc.remat)
         zeros = jnp.zeros((0,), jnp.int32)
         counts = zeros if out.expert_counts is None else out.expert_counts
         mtp_counts = zeros if out.mtp_expert_counts is None else out.mtp_expert_counts
@@ -124,7 +161,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             raise ValueError("make_train_step: a pipeline schedule needs a mesh with a 'pp' axis")
         grad_fn = _pipeline_grad_fn(graphdef, sc, schedule, mesh)
 
-    def step(state: TrainState, windows_KMS, mtp_weight, gamma, spike_factor, spike_warmup):
+    def step(state: TrainState, batch_KMS: Batch, mtp_weight, gamma, spike_factor, spike_warmup):
         params, bias = state["params"], state["bias"]
 
         def micro(acc, window):
@@ -133,11 +170,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        _, aux_shape = jax.eval_shape(grad_fn, params, bias, windows_KMS[0], mtp_weight)[0]
+        first = jax.tree.map(lambda a: a[0], batch_KMS)
+        _, aux_shape = jax.eval_shape(grad_fn, params, bias, first, mtp_weight)[0]
         zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
         init = (jnp.zeros((), jnp.float32), zero_aux, zero_grads)
-        (loss, (ce, mtp, bal, counts, mtp_counts), grads), _ = jax.lax.scan(micro, init, windows_KMS)
-        k = windows_KMS.shape[0]
+        (loss, (ce, mtp, bal, counts, mtp_counts), grads), _ = jax.lax.scan(micro, init, batch_KMS)
+        k = batch_KMS.tokens.shape[0]
         loss, ce, mtp, bal = loss / k, ce / k, mtp / k, bal / k
         grads = jax.tree.map(lambda g: g / k, grads)
         grad_norm = optax.global_norm(grads)
@@ -179,8 +217,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         scalar = np  # host values: every process passes the same, no process-local device arrays
 
     def call(state: TrainState, windows_KMS, mtp_weight, gamma):
+        batch = as_batch(windows_KMS)
+        if schedule is not None and (batch.loss_mask is not None or batch.segment_ids is not None):
+            raise ValueError("make_train_step: the pipeline executor (--pipeline) does not take loss masks or "
+                             "segment ids; pass plain token windows, or train without a pipeline schedule")
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-            return jitted(state, windows_KMS, scalar.float32(mtp_weight), scalar.float32(gamma),
+            return jitted(state, batch, scalar.float32(mtp_weight), scalar.float32(gamma),
                           scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup))
 
     return call

@@ -1,5 +1,6 @@
 """The training step and loop: resume is bit-identical, the expert bias moves by the sign rule and gets no
-gradient, the spike guard skips and restores, remat policies do not change gradients, bad input is refused."""
+gradient, the spike guard skips and restores, remat policies do not change gradients, bad input is refused, and a
+Batch of packed samples with loss masks gives the loss and gradients of the samples computed one by one."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from dsv3_jax.config import TINY
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.loop import RunArgs, train
 from dsv3_jax.train.optim import make_optimizer
-from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+from dsv3_jax.losses import token_logprobs
+from dsv3_jax.train.step import Batch, StepConfig, init_state, make_train_step, split_model
 
 CFG = TINY.replace(num_hidden_layers=2, first_k_dense_replace=1)
 
@@ -170,6 +172,102 @@ def test_accumulation_equals_one_big_batch(step_setup):
     assert float(m2.ce) == pytest.approx(float(m1.ce), rel=1e-6)
     for a, b in zip(jax.tree.leaves(two["params"]), jax.tree.leaves(one["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+# ----- Batch: loss masks and segment ids -----
+
+
+@pytest.fixture(scope="module")
+def masked_step(step_setup):
+    """One step function (SGD(1), no balance term, so that packed rows and lone samples share every loss term)
+    for the windows and for Batches with both fields: two compiles."""
+    graphdef, params, bias, _, windows = step_setup
+    sgd = optax.sgd(1.0)
+    return make_train_step(graphdef, sgd, StepConfig(balance_alpha=0.0)), init_state(params, bias, sgd)
+
+
+def _packed_batch(seed=0):
+    """K=2 micro-batches of M=2 rows, S=17: 2-3 samples per row (prompt then response), a padding tail; the loss
+    mask is 0 on prompts and 1 on responses and on the padding (segment id 0 must exclude it by itself)."""
+    rng = np.random.default_rng(seed)
+    layout = [[(6, 2), (5, 3)], [(4, 1), (7, 3), (3, 1)], [(16, 5)], [(9, 4), (6, 2)]]  # (length, prompt) per row
+    tokens = rng.integers(0, CFG.vocab_size, (4, 17)).astype(np.int32)
+    mask, seg, samples = np.ones((4, 17), np.float32), np.zeros((4, 17), np.int32), []
+    for r, row in enumerate(layout):
+        at = 0
+        for i, (n, prompt) in enumerate(row):
+            seg[r, at:at + n] = i + 1
+            mask[r, at:at + prompt] = 0
+            samples.append((r // 2, tokens[r, at:at + n], mask[r, at:at + n]))
+            at += n
+    return Batch(tokens.reshape(2, 2, 17), mask.reshape(2, 2, 17), seg.reshape(2, 2, 17)), samples
+
+
+def _one_by_one_loss(graphdef, samples, mtp_weight):
+    """loss(params, bias): mean over micro-batches of CE + mtp_weight * L_MTP restated over the samples run alone
+    (right-padded to 16 inputs, one forward): loss-weighted sums of -log p over the micro-batch's weighted main
+    target count (eq. 24's normaliser), module k predicting t_{i+1+k}."""
+    t, d = 16, CFG.num_mtp_layers
+    inputs = np.stack([np.pad(x[:-1], (0, t - len(x) + 1)) for _, x, _ in samples])
+    micro = np.array([k for k, _, _ in samples])
+
+    def targets_and_weights(shift):
+        tgt = np.zeros((len(samples), t), np.int32)
+        w = np.zeros((len(samples), t), np.float32)
+        for i, (_, x, m) in enumerate(samples):
+            n = len(x) - shift
+            tgt[i, :n], w[i, :n] = x[shift:], m[shift:]
+        return jnp.asarray(tgt), jnp.asarray(w)
+
+    heads = [targets_and_weights(1 + k) for k in range(d + 1)]
+    member = jnp.asarray((micro[None, :] == np.arange(2)[:, None]).astype(np.float32))  # [K, samples]
+
+    def loss(params, bias):
+        out = nnx.merge(graphdef, params, bias).forward(jnp.asarray(inputs))
+        count = member @ jnp.sum(heads[0][1], 1)
+        ce = member @ jnp.sum(-token_logprobs(out.logits, heads[0][0]) * heads[0][1], 1) / count
+        mtp = sum(member @ jnp.sum(-token_logprobs(out.mtp_logits[k - 1], heads[k][0]) * heads[k][1], 1) / count
+                  for k in range(1, d + 1)) / d
+        return jnp.mean(ce + mtp_weight * mtp), (jnp.mean(ce), jnp.mean(mtp))
+
+    return loss
+
+
+def test_packed_batch_equals_samples_one_by_one(step_setup, masked_step):
+    """The acceptance test through the step: the loss, its CE and MTP parts and the gradients (the SGD(1) update)
+    of a packed, masked Batch equal the per-sample computation."""
+    graphdef, params, bias, _, _ = step_setup
+    step, state0 = masked_step
+    batch, samples = _packed_batch()
+    state, m = step(state0, batch, 0.3, 0.0)
+    ref = jax.jit(jax.value_and_grad(_one_by_one_loss(graphdef, samples, 0.3), has_aux=True))
+    (loss, (ce, mtp)), grads = ref(params, bias)
+    assert not bool(m.skipped)
+    assert float(m.ce) == pytest.approx(float(ce), rel=1e-5)
+    assert float(m.mtp_loss) == pytest.approx(float(mtp), rel=1e-5)
+    assert float(m.loss) == pytest.approx(float(loss), rel=1e-5)
+    for new, old, g in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(old - new), np.asarray(g), rtol=1e-4, atol=1e-6)
+
+
+def test_all_ones_mask_and_one_segment_give_todays_step(step_setup, masked_step):
+    """The regression guard: loss mask all ones and segment ids all 1 give the plain windows' loss and update."""
+    windows = step_setup[4]
+    step, state0 = masked_step
+    plain, m0 = step(state0, windows, 0.3, 0.0)
+    ones = Batch(windows, jnp.ones(windows.shape, jnp.float32), jnp.ones(windows.shape, jnp.int32))
+    masked, m1 = step(state0, ones, 0.3, 0.0)
+    for a, b in ((m1.loss, m0.loss), (m1.ce, m0.ce), (m1.mtp_loss, m0.mtp_loss)):
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(masked["params"]), jax.tree.leaves(plain["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_batch_fields_must_match_the_tokens(step_setup, masked_step):
+    step, state0 = masked_step
+    windows = step_setup[4]
+    with pytest.raises(ValueError, match="Batch.segment_ids has shape"):
+        step(state0, Batch(windows, None, jnp.ones(windows.shape[:2] + (16,), jnp.int32)), 0.3, 0.0)
 
 
 def test_generate_from_a_training_workdir(tmp_path, corpus, capsys):
