@@ -197,11 +197,31 @@ def test_sft_bad_arguments(base, tmp_path):
         sft(_sft_args(base, tmp_path / "x", epochs=1.0))
     with pytest.raises(ValueError, match="chat.jsonl:.*tokens.*--truncate"):
         sft(_sft_args(base, tmp_path / "x", seq_len=8))
+    from flax import nnx
+
+    from dsv3_jax.hf import save_pretrained
+    from dsv3_jax.model.transformer import Transformer
+    from dsv3_jax.posttrain.sft import sft_tokenizer
+    from dsv3_jax.train.data import ByteTokenizer
+
+    _, tok = load_workdir(base / "pre")
+    save_pretrained(Transformer(CFG.replace(vocab_size=600), nnx.Rngs(0)), tmp_path / "other")
+    tok.save(tmp_path / "other" / "tokenizer.json")
+    with pytest.raises(ValueError, match="vocab_size 600 differs from the student's 512"):
+        sft(_sft_args(base, tmp_path / "x", teacher=str(tmp_path / "other"), distill_weight=0.5))
+    byte = ByteTokenizer()  # no role tokens: appending them needs ids past a byte-sized vocabulary
+    with pytest.raises(ValueError, match="beyond the model's vocab_size"):
+        sft_tokenizer(byte, byte.vocab_size, "test")
 
 
 def test_distillation_with_teacher_equal_to_student_has_zero_kl(base, tmp_path):
-    out = sft(_sft_args(base, tmp_path / "d", steps=1, teacher=str(base / "pre"), distill_weight=0.5,
-                        distill_temperature=2.0))
+    from dsv3_jax.hf import save_pretrained
+
+    model, tok = load_workdir(base / "pre")  # the student starts from the same weights, as a released checkpoint
+    save_pretrained(model, tmp_path / "released")
+    tok.save(tmp_path / "released" / "tokenizer.json")
+    out = sft(_sft_args(base, tmp_path / "d", init=str(tmp_path / "released"), steps=1, teacher=str(base / "pre"),
+                        distill_weight=0.5, distill_temperature=2.0))
     (row,) = _rows(out["workdir"])
     assert row["distill_kl"] == pytest.approx(0.0, abs=1e-6)
     # loss = (1 - w) CE + w tau^2 KL + lambda MTP + balance, with KL = 0
