@@ -1,5 +1,6 @@
 """The `dsv3` command line: `dsv3 info` (parameter and cache accounting of a config), `train`, `sft`,
-`distill-data`, `generate`, `plot` and `plan` (the analytic parallel-training planner of sharding/planner.py)."""
+`distill-data`, `generate`, `eval`, `plot` and `plan` (the analytic parallel-training planner of
+sharding/planner.py)."""
 
 from __future__ import annotations
 
@@ -146,6 +147,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_eval(path: str):
+    """(model, tokenizer or None, bos): a checkpoint without a tokenizer still loads (tasks as token ids)."""
+    from dsv3_jax.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(path, tokenizer_required=False)
+    return model, tokenizer, model.config.bos_token_id if tokenizer is None else tokenizer.bos_id
+
+
+def _csv(cast):
+    def parse(text: str):
+        try:
+            return tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {cast.__name__} values, got {text!r}")
+    return parse
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dsv3_jax.eval.cli import run_eval
+
+    return run_eval(args, _load_for_eval)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from dsv3_jax.train.plot import plot_run
 
@@ -280,6 +304,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--speculative", action="store_true", help="draft with the MTP module (paper §5.4.3)")
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: multiple choice, generation, code pass@k, perplexity, "
+                                     "passkey retrieval")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors [+ "
+                                                        "tokenizer.json]) or a `dsv3 train` work directory")
+    ev.add_argument("--task", action="append", required=True, help="FILE.jsonl or builtin:NAME (passkey, addition, "
+                                                                   "sorting, countdown); repeatable")
+    ev.add_argument("--kind", choices=["multiple_choice", "generate", "code", "perplexity"],
+                    help="kind of the JSONL tasks (default: from their fields)")
+    ev.add_argument("--limit", type=int, help="first N examples of each task")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="generation and code tasks")
+    ev.add_argument("--top-k", type=int, help="code sampling")
+    ev.add_argument("--top-p", type=float, help="code sampling")
+    ev.add_argument("--samples", type=int, default=1, help="code samples per problem (n of pass@k)")
+    ev.add_argument("--temperature", type=float, help="code sampling temperature (default 0 for one sample, else "
+                                                      "0.8); generation tasks are greedy")
+    ev.add_argument("--pass-k", type=_csv(int), default=(1, 10, 100), help="k values of pass@k (those <= --samples)")
+    ev.add_argument("--timeout", type=float, default=5.0, help="seconds per code program")
+    ev.add_argument("--ppl-window", type=int, help="perplexity window in tokens (default: the model's context)")
+    ev.add_argument("--ppl-stride", type=int, help="perplexity stride (default: the window, disjoint chunks)")
+    ev.add_argument("--lengths", type=_csv(int), default=(64, 128, 256), help="passkey prompt lengths in tokens")
+    ev.add_argument("--depths", type=_csv(float), default=(0.1, 0.5, 0.9), help="passkey depths in [0, 1]")
+    ev.add_argument("--trials", type=int, default=5, help="passkey prompts per length x depth")
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.add_argument("--dump-scores", help="write per-example scores to this JSONL file")
+    ev.set_defaults(func=cmd_eval)
 
     from sharding.planner import HARDWARE, SCHEDULES, TrainSettings
 

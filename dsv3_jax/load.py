@@ -30,18 +30,21 @@ class HFTokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, precision=None):
-    """(model, tokenizer) from a work directory (newest checkpoint) or a checkpoint dir with tokenizer.json."""
+def load_model_and_tokenizer(path: str | os.PathLike, precision=None, tokenizer_required: bool = True):
+    """(model, tokenizer) from a work directory (newest checkpoint) or a checkpoint dir with tokenizer.json; with
+    tokenizer_required=False a checkpoint without one loads with tokenizer None (token-id tasks only)."""
     from dsv3_jax.hf import from_pretrained
     from dsv3_jax.train.loop import load_workdir
 
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         model, tokenizer = load_workdir(path)
-        if tokenizer is None:
+        if tokenizer is None and tokenizer_required:
             raise ValueError(f"{path}: the run trained on pre-tokenized data and has no tokenizer")
         return model, tokenizer
     tok_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok_path) and not tokenizer_required:
+        return from_pretrained(path, precision=precision), None
     if not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{path}: no tokenizer.json beside the checkpoint (and no checkpoints/ of a "
                                 "training work directory)")

@@ -2,7 +2,8 @@
 
 Documents are tokenized once, each followed by EOS, and packed back to back into one token stream that is cut
 into non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets). As in the paper's document
-packing (paper §4.1; reference §7) there is no cross-document attention mask; FIM is not applied. Window order is a
+packing (paper §4.1; reference §7) there is no cross-document attention mask; with a ``fim_rate`` (the paper: 0.1)
+documents become Prefix-Suffix-Middle fill-in-the-middle examples. Window order is a
 per-epoch permutation seeded by ``(seed, epoch)``, so the count of sequences consumed is the whole data-loader
 state and a resumed run sees bit-identical batches.
 
@@ -493,13 +494,38 @@ def _check_vocab(tokenizer: Tokenizer | None, vocab_size: int, needs_tokenizer: 
         raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's vocab_size {vocab_size}")
 
 
+def fim_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """Ids of <|fim_begin|>, <|fim_hole|>, <|fim_end|>, or ValueError when the tokenizer lacks them."""
+    ids = tuple(tokenizer.token_id(t) for t in FIM_TOKENS)
+    if None in ids:
+        raise ValueError(f"fill-in-the-middle needs the special tokens {', '.join(FIM_TOKENS)}, which this tokenizer "
+                         "lacks (a tokenizer trained before they were reserved); pass fim_rate=0 (--fim-rate 0)")
+    return ids  # type: ignore[return-value]
+
+
+def fim_document(text: str, tokenizer: Tokenizer, rng: np.random.Generator) -> list[int]:
+    """Prefix-Suffix-Middle (paper §4.1): <|fim_begin|> pre <|fim_hole|> suf <|fim_end|> middle, cut at two
+    uniformly drawn character positions; the caller appends EOS."""
+    begin, hole, end = fim_ids(tokenizer)
+    i, j = sorted(int(c) for c in rng.integers(0, len(text) + 1, size=2))
+    pre, middle, suf = tokenizer.encode_batch([text[:i], text[i:j], text[j:]])
+    return [begin] + pre + [hole] + suf + [end] + middle
+
+
 def prepare_tokens(inputs: Iterable[str | os.PathLike | DataInput], tokenizer: Tokenizer | None,
                    cache_dir: str | os.PathLike, vocab_size: int, *, text_key: str = "text",
-                   bin_dtype: str = "uint16") -> np.ndarray:
-    """The token stream of ``inputs`` as a read-only 1-D uint16/uint32 memmap, cached in ``cache_dir``."""
+                   bin_dtype: str = "uint16", fim_rate: float = 0.0, fim_seed: int = 0) -> np.ndarray:
+    """The token stream of ``inputs`` as a read-only 1-D uint16/uint32 memmap, cached in ``cache_dir``.
+
+    With ``fim_rate`` > 0 each text document is, with that probability, rewritten as a fill-in-the-middle example
+    (``fim_document``; draws seeded by ``fim_seed`` and the input's index); pre-tokenized inputs stay as they are."""
     resolved = resolve_inputs(inputs, text_key=text_key, bin_dtype=bin_dtype)
     has_text = any(inp.kind in TEXT_KINDS for inp in resolved)
     _check_vocab(tokenizer, vocab_size, has_text)
+    if not 0.0 <= fim_rate <= 1.0:
+        raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate!r}")
+    if fim_rate > 0 and has_text:
+        fim_ids(tokenizer)
     token_inputs = {i: _open_tokens(inp, vocab_size) for i, inp in enumerate(resolved) if inp.kind in TOKEN_KINDS}
     if len(resolved) == 1 and 0 in token_inputs and token_inputs[0].dtype.name in BIN_DTYPES:
         return token_inputs[0]  # one pre-tokenized file: used in place
@@ -507,7 +533,8 @@ def prepare_tokens(inputs: Iterable[str | os.PathLike | DataInput], tokenizer: T
     dtype = token_dtype(vocab_size)
     key = {"format": _CACHE_FORMAT, "dtype": dtype.name, "vocab_size": vocab_size,
            "inputs": [_input_fingerprint(inp) for inp in resolved],
-           "tokenizer": hashlib.sha256(tokenizer.to_json().encode()).hexdigest() if has_text else None}
+           "tokenizer": hashlib.sha256(tokenizer.to_json().encode()).hexdigest() if has_text else None,
+           "fim": [fim_rate, fim_seed] if fim_rate > 0 and has_text else None}
     digest = _sha(key)
     cache_dir = pathlib.Path(cache_dir)
     bin_path, meta_path = cache_dir / f"tokens-{digest}.bin", cache_dir / f"tokens-{digest}.json"
@@ -526,7 +553,7 @@ def prepare_tokens(inputs: Iterable[str | os.PathLike | DataInput], tokenizer: T
                 if i in token_inputs:
                     n = _copy_tokens(token_inputs[i], dtype, f)
                 else:
-                    n = _write_documents(inp, tokenizer, dtype, f)
+                    n = _write_documents(inp, tokenizer, dtype, f, fim_rate, np.random.default_rng([fim_seed, i]))
                     if n == 0:
                         raise ValueError(f"data file {inp.path} holds no text (no tokens)")
                 count += n
@@ -549,8 +576,10 @@ def _copy_tokens(tokens: np.ndarray, dtype: np.dtype, f) -> int:
     return int(tokens.size)
 
 
-def _write_documents(inp: DataInput, tokenizer: Tokenizer, dtype: np.dtype, f) -> int:
-    """Tokenize each document of ``inp``, append EOS after each, write; return the token count."""
+def _write_documents(inp: DataInput, tokenizer: Tokenizer, dtype: np.dtype, f, fim_rate: float = 0.0,
+                     rng: np.random.Generator | None = None) -> int:
+    """Tokenize each document of ``inp`` (a fraction ``fim_rate`` of them as FIM examples, drawn from ``rng``),
+    append EOS after each, write; return the token count."""
     out_dtype = dtype.newbyteorder("<")
     count = 0
     batch: list[str] = []
@@ -571,6 +600,13 @@ def _write_documents(inp: DataInput, tokenizer: Tokenizer, dtype: np.dtype, f) -
         return int(flat.size)
 
     for doc in _documents(inp):
+        if fim_rate > 0 and rng.random() < fim_rate:
+            count += flush()
+            chars = 0
+            ids = fim_document("".join(doc), tokenizer, rng) + [tokenizer.eos_id]
+            np.asarray(ids, dtype=out_dtype).tofile(f)
+            count += len(ids)
+            continue
         previous = None  # one piece of look-ahead tells which piece ends the document
         for piece in doc:
             if not piece:

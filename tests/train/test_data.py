@@ -177,6 +177,55 @@ def test_jsonl(bpe, tmp_path):
     np.testing.assert_array_equal(tokens, bpe.encode("abc") + [1] + bpe.encode("de") + [1])
 
 
+# ----- fill-in-the-middle (paper §4.1) -----
+
+
+def _split_fim(ids, tok):
+    begin, hole, end = (tok.token_id(t) for t in data.FIM_TOKENS)
+    assert ids[0] == begin and ids.count(begin) == ids.count(hole) == ids.count(end) == 1
+    h, e = ids.index(hole), ids.index(end)
+    return ids[1:h], ids[h + 1:e], ids[e + 1:]  # prefix, suffix, middle
+
+
+def test_fim_document_is_prefix_suffix_middle(bpe):
+    rng = np.random.default_rng(0)
+    for text in CORPUS:
+        pre, suf, mid = _split_fim(data.fim_document(text, bpe, rng), bpe)
+        assert bpe.decode(pre) + bpe.decode(mid) + bpe.decode(suf) == text
+
+
+def test_fim_rate_in_the_token_stream(bpe, tmp_path):
+    docs = [{"text": f"doc {i}: " + CORPUS[i % len(CORPUS)]} for i in range(400)]
+    path = _jsonl(tmp_path / "d.jsonl", docs)
+    plain = prepare_tokens([path], bpe, tmp_path / "cache", 300)
+    np.testing.assert_array_equal(plain, [t for d in docs for t in bpe.encode(d["text"]) + [1]])
+    fim = prepare_tokens([path], bpe, tmp_path / "cache", 300, fim_rate=0.1, fim_seed=3)
+    rows = np.split(np.asarray(fim), np.flatnonzero(np.asarray(fim) == bpe.eos_id)[:-1] + 1)
+    assert len(rows) == len(docs)  # every document kept, each closed by EOS
+    n_fim = 0
+    for row, d in zip(rows, docs):
+        ids = row[:-1].tolist()
+        if ids[0] == bpe.token_id("<|fim_begin|>"):
+            n_fim += 1
+            pre, suf, mid = _split_fim(ids, bpe)
+            assert bpe.decode(pre) + bpe.decode(mid) + bpe.decode(suf) == d["text"]
+        else:
+            assert ids == bpe.encode(d["text"])
+    assert 20 <= n_fim <= 64  # Binomial(400, 0.1): mean 40, sd 6
+    again = prepare_tokens([path], bpe, tmp_path / "cache2", 300, fim_rate=0.1, fim_seed=3)
+    np.testing.assert_array_equal(again, fim)  # deterministic, cache or not
+    other = prepare_tokens([path], bpe, tmp_path / "cache", 300, fim_rate=0.1, fim_seed=4)
+    assert not np.array_equal(other, fim)
+
+
+def test_fim_errors(tmp_path):
+    path = _write(tmp_path / "a.txt", "some text")
+    with pytest.raises(ValueError, match="fim-rate 0"):
+        prepare_tokens([path], ByteTokenizer(), tmp_path / "cache", 258, fim_rate=0.1)
+    with pytest.raises(ValueError, match="fim_rate must be in"):
+        prepare_tokens([path], ByteTokenizer(), tmp_path / "cache", 258, fim_rate=1.5)
+
+
 @pytest.mark.parametrize("line, match", [
     ("{not json", r"bad.jsonl:2 is not valid JSON"),
     ('{"body": "x"}', r"bad.jsonl:2 has no 'text' field"),
