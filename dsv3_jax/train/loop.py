@@ -184,7 +184,8 @@ def _model_config(args: RunArgs) -> tuple[ModelConfig, str]:
     return get_preset(args.preset), args.preset
 
 
-def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, saved_tokenizer: str | None):
+def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, saved_tokenizer: str | None,
+                          new_tokenizer_ok: bool = True):
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
@@ -192,6 +193,9 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
     has_text = any(inp.kind in data_lib.TEXT_KINDS for inp in resolved)
     if saved_tokenizer is not None:
         tokenizer = data_lib.Tokenizer.from_json(saved_tokenizer)
+    elif has_text and not new_tokenizer_ok:
+        raise ValueError(f"--init {args.init}: the checkpoint has no tokenizer, so --data must be pre-tokenized "
+                         "(.bin/.npy) token ids of its vocabulary")
     elif has_text:
         tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
     else:
@@ -487,7 +491,7 @@ def _read_init(path: str):
     """(model, tokenizer, run_args or None) of an --init work directory or released-format checkpoint."""
     from dsv3_jax.load import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(path, tokenizer_required=False)
     return model, tokenizer, workdir_run_args(path)
 
 
@@ -582,7 +586,7 @@ def train(args: RunArgs) -> dict[str, Any]:
         saved_tokenizer = init_tokenizer.to_json()
     if not main_process:
         _barrier("dsv3_data_ready")  # process 0 builds the tokenizer and token caches first
-    tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer)
+    tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer, new_tokenizer_ok=init is None)
     if main_process:
         _barrier("dsv3_data_ready")
     batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
