@@ -17,6 +17,7 @@ trained tokens to (1 - w) * CE (train.step's DistillSpec; losses.distill_kl).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -124,6 +125,14 @@ def pack_conversations(convs: list[Conversation], seq_len: int, seed: int = 0, t
             segment_ids[r, at:at + n] = s
             at += n
     return PackedChat(tokens, loss_mask, segment_ids, len(convs), truncated)
+
+
+def packed_fingerprint(packed: PackedChat) -> str:
+    """sha256 of the packed rows (tokens, loss mask, segment ids): a resumed run must see the same rows."""
+    h = hashlib.sha256()
+    for a in (packed.tokens, packed.loss_mask, packed.segment_ids):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 class ChatBatches:
@@ -292,6 +301,10 @@ def sft(args: SFTArgs) -> dict[str, Any]:
     del params, bias
     if session.meta is not None and session.meta.get("tokenizer") != tokenizer.to_json():
         raise ValueError(f"--resume: the checkpoint in {ckpt.directory} was trained with another tokenizer")
+    rows_sha = packed_fingerprint(packed)
+    if session.meta is not None and session.meta.get("rows_sha256") != rows_sha:
+        raise ValueError(f"--resume: the packed rows differ from the checkpoint's run (other --data, --seq-len, "
+                         f"--seed or --truncate); its data position would point elsewhere. Use the run's data")
     sc = StepConfig(remat=args.remat, spike_factor=args.spike_factor, spike_warmup=args.spike_warmup)
     step_fn = make_train_step(session.graphdef, session.optimizer, sc, session.mesh, session.shardings)
     metrics_extra = None
@@ -316,7 +329,7 @@ def sft(args: SFTArgs) -> dict[str, Any]:
 
     def meta_for(step: int) -> dict:
         return {"step": step, "position": session.position, "model_config": cfg.to_hf(), "run_args": run_args,
-                "tokenizer": tokenizer.to_json()}
+                "tokenizer": tokenizer.to_json(), "rows_sha256": rows_sha}
 
     result = run_loop(session, ChatBatches(packed, args.seed), step_fn, spec, meta_for, metrics_extra)
     ckpt.close()

@@ -194,6 +194,8 @@ def test_sft_masked_loss_resume_and_cli(base, tuned, tmp_path):
     sft(_sft_args(base, tmp_path / "split", stop_at=2))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         sft(_sft_args(base, tmp_path / "split"))
+    with pytest.raises(ValueError, match="the packed rows differ"):
+        sft(_sft_args(base, tmp_path / "split", resume=True, seed=1))
     sft(_sft_args(base, tmp_path / "split", resume=True))
     key = [(r["step"], r["loss"], r["ce"], r["grad_norm"]) for r in _rows(tmp_path / "split")]
     assert key == [(r["step"], r["loss"], r["ce"], r["grad_norm"]) for r in rows]
