@@ -311,7 +311,7 @@ def sft(args: SFTArgs) -> dict[str, Any]:
     if teacher is not None:
         step_fn, metrics_extra = _with_teacher(session, sc, teacher, args)
     stop = args.stop_at or steps
-    spec = LoopSpec(steps=steps, stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len, lr=lr,
+    spec = LoopSpec(stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len, lr=lr,
                     batch_size=constant_schedule(args.batch), mtp=constant_schedule(args.mtp_weight),
                     gamma=constant_schedule(args.gamma), save_every=args.save_every, max_spikes=args.max_spikes,
                     progress=args.progress, flops_per_token=training_flops_per_token(cfg, args.seq_len),

@@ -284,9 +284,8 @@ class Session:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-    """How the shared step loop runs: length, batch shape, schedules, saving and the spike guard."""
+    """How the shared step loop runs: last step, batch shape, schedules, saving and the spike guard."""
 
-    steps: int
     stop: int
     batch: int
     micro: int
@@ -595,7 +594,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     step_fn = make_train_step(session.graphdef, session.optimizer,
                               StepConfig(remat=args.remat, spike_factor=args.spike_factor,
                                          spike_warmup=args.spike_warmup), mesh, session.shardings, schedule)
-    spec = LoopSpec(steps=args.steps, stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len,
+    spec = LoopSpec(stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len,
                     lr=schedules["lr"], batch_size=schedules["batch"], mtp=schedules["mtp"], gamma=schedules["gamma"],
                     save_every=args.save_every, max_spikes=args.max_spikes, progress=args.progress,
                     flops_per_token=training_flops_per_token(cfg, args.seq_len),
