@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--spike-warmup", type=int, default=20)
     st.add_argument("--max-spikes", type=int, default=3)
     st.add_argument("--no-progress", action="store_true")
-    st.add_argument("--mesh", help="device mesh as for train (no pp: the pipeline executor takes no masks)")
+    st.add_argument("--mesh", help="device mesh as for train (dp, ep, tp; sft has no --pipeline)")
     st.set_defaults(func=cmd_sft)
 
     dd = sub.add_parser("distill-data", help="a teacher's sampled answers to prompts, as chat JSONL for dsv3 sft")

@@ -29,10 +29,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from dsv3_jax.losses import cross_entropy, mtp_loss
+from dsv3_jax.losses import cross_entropy, mtp_loss, target_weights
 from dsv3_jax.model.params import ExpertBias, scan_layers
 from dsv3_jax.model.rope import rope_cos_sin
-from dsv3_jax.model.transformer import causal_mask
+from dsv3_jax.model.transformer import causal_mask, segment_mask, segment_positions
+from dsv3_jax.train.step import Batch, as_batch
 from sharding.pipeline import Schedule
 
 _NONE, _RIGHT, _LEFT, _LOCAL = 0, 1, 2, 3
@@ -48,16 +49,17 @@ class PipelineModel:
     """A model cut into identical stages plus edges, as pure functions.
 
     embed(edge_params, inputs_m) -> h                before the first stage (inputs_m: one micro-batch of `inputs`)
-    stage(stage_params, h) -> (h, loss_term, aux)    one stage; loss_term (scalar) is added to the micro-batch's
-                                                     loss; aux (any pytree, e.g. expert counts) is summed over
-                                                     micro-batches, not differentiated
+    stage(stage_params, h, inputs_m)                 one stage (inputs_m for what the stage needs besides h, e.g.
+        -> (h, loss_term, aux)                       attention masks; not differentiated); loss_term (scalar) is
+                                                     added to the micro-batch's loss; aux (any pytree, e.g. expert
+                                                     counts) is summed over micro-batches, not differentiated
     head(edge_params, h, inputs_m) -> (loss, aux)    after the last stage: the micro-batch's loss (scalar)
 
     The loss differentiated is the mean over micro-batches of (head loss + every stage's loss_term).
     """
 
     embed: Callable[[Any, Any], jax.Array]
-    stage: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    stage: Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.Array, Any]]
     head: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
 
 
@@ -215,9 +217,9 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
     local = jax.tree.map(lambda a: a[stage_index], stage_params)  # [ranks, phases, ...], sharded over `axis`
     inv_m = jnp.float32(1.0 / microbatches)
     x0 = jax.eval_shape(model.embed, edge_params, _take(inputs, 0))
-    h_shape, _, aux_s = jax.eval_shape(model.stage, _take(stage_params, 0), x0)
+    h_shape, _, aux_s = jax.eval_shape(model.stage, _take(stage_params, 0), x0, _take(inputs, 0))
     _, aux_h = jax.eval_shape(model.head, edge_params, x0, _take(inputs, 0))
-    stage_fn = lambda p, x: model.stage(p, x)[:2]  # noqa: E731
+    stage_fn = lambda p, x, inp: model.stage(p, x, inp)[:2]  # noqa: E731
     head_fn = lambda e, h, inp: jnp.asarray(model.head(e, h, inp)[0], jnp.float32)  # noqa: E731
     zeros_of = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
     if (h_shape.shape, h_shape.dtype) != (x0.shape, x0.dtype):
@@ -245,7 +247,7 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
 
             def fwd():
                 x = jax.lax.cond(ffirst, lambda: model.embed(edge, inp).astype(x0.dtype), lambda: x_buf[fp, fk])
-                h, term, aux = model.stage(_take(local, fp), x)
+                h, term, aux = model.stage(_take(local, fp), x, inp)
                 loss, head_aux = jax.lax.cond(flast, lambda: (lambda o: (f32(o[0]), o[1]))(model.head(edge, h, inp)),
                                               lambda: (f32(0), zeros_of(aux_h)))
                 return x, h, f32(term) + loss, aux, head_aux
@@ -274,11 +276,11 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
             def stage_vjp(wrt_x: bool, wrt_w: bool):
                 def run():
                     if wrt_x and wrt_w:
-                        _, vjp = jax.vjp(stage_fn, sp, x_in)
+                        _, vjp = jax.vjp(lambda p, x: stage_fn(p, x, inp_b), sp, x_in)
                         return vjp(cot)
                     if wrt_x:
-                        return zero_p, jax.vjp(lambda x: stage_fn(sp, x), x_in)[1](cot)[0]
-                    return jax.vjp(lambda p: stage_fn(p, x_in), sp)[1](cot)[0], zeros_h
+                        return zero_p, jax.vjp(lambda x: stage_fn(sp, x, inp_b), x_in)[1](cot)[0]
+                    return jax.vjp(lambda p: stage_fn(p, x_in, inp_b), sp)[1](cot)[0], zeros_h
                 return run
 
             branches = (lambda: (zero_p, zeros_h), stage_vjp(True, False), stage_vjp(False, True),
@@ -360,7 +362,9 @@ def transformer_pipeline(graphdef, params, bias, num_stages: int, balance_alpha:
 
     Stage s runs MoE layers [s L/S, (s+1) L/S); the first stage's edge runs the embedding and the dense layers,
     the last stage's edge the final norm, head and the MTP modules. Parameters enter as produced by
-    `split_transformer`; inputs per micro-batch are (window [B, T+1] int32, mtp_weight float32).
+    `split_transformer`; inputs per micro-batch are (train.step.Batch [B, T+1], mtp_weight float32): with loss
+    masks and segment ids, every stage builds the same segment attention mask and restarted positions as
+    Transformer.forward, and the head the same masked losses as the training step.
     """
     model = nnx.merge(graphdef, params, bias)
     cfg = model.config
@@ -372,9 +376,15 @@ def transformer_pipeline(graphdef, params, bias, num_stages: int, balance_alpha:
 @functools.lru_cache(maxsize=16)
 def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, remat: str) -> PipelineModel:
 
-    def rope(t, b):
-        cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), cfg)
-        return cos, sin, causal_mask(t)
+    def rope(batch: Batch):
+        """cos, sin and the attention mask of the micro-batch's inputs (Transformer.forward's)."""
+        b, t = batch.tokens.shape[0], batch.tokens.shape[1] - 1
+        if batch.segment_ids is None:
+            cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), cfg)
+            return cos, sin, causal_mask(t)
+        seg = batch.segment_ids[:, :-1]
+        cos, sin = rope_cos_sin(segment_positions(seg), cfg)
+        return cos, sin, segment_mask(seg)
 
     def body(layer, h, cos, sin, mask):
         return layer(h, cos, sin, mask)
@@ -383,33 +393,36 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         return nnx.merge(graphdef, edge["params"], jax.lax.stop_gradient(edge["bias"]))
 
     def embed(edge, inp):
-        window, _ = inp
+        batch, _ = inp
         tm = edge_model(edge)
-        tokens = window[:, :-1]
-        cos, sin, mask = rope(tokens.shape[1], tokens.shape[0])
+        tokens = batch.tokens[:, :-1]
+        cos, sin, mask = rope(batch)
         h, _ = scan_layers(tm.dense_layers, lambda layer, h: body(layer, h, cos, sin, mask), tm.embed_tokens(tokens),
                            remat=remat)
         return h
 
-    def stage(sp, h):
+    def stage(sp, h, inp):
         layers = nnx.merge(moe_graphdef, sp["params"], jax.lax.stop_gradient(sp["bias"]))
-        cos, sin, mask = rope(h.shape[1], h.shape[0])
+        cos, sin, mask = rope(inp[0])
         h, aux = scan_layers(layers, lambda layer, h: body(layer, h, cos, sin, mask), h, remat=remat)
         bal = balance_alpha * jnp.sum(aux.balance)
         return h, bal, {"counts": aux.counts_E, "bal": bal}
 
     def head(edge, h, inp):
-        window, mtp_weight = inp
+        batch, mtp_weight = inp
+        window, seg = batch.tokens, batch.segment_ids
         tm = edge_model(edge)
         tokens = window[:, :-1]
         hidden = tm.norm(h)
-        ce = cross_entropy(tm.output_head(hidden), window[:, 1:])
+        ce = cross_entropy(tm.output_head(hidden), window[:, 1:], target_weights(window.shape, 1, batch.loss_mask, seg))
         zero = jnp.zeros((), jnp.float32)
         aux = {"counts": jnp.zeros((0,), jnp.int32), "ce": ce, "mtp": zero, "bal": zero}  # the loss's parts
         if tm.mtp is not None:
-            cos, sin, mask = rope(tokens.shape[1], tokens.shape[0])
-            mtp_logits, mtp_counts, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat)
-            aux["mtp"], aux["bal"] = mtp_loss(mtp_logits, window), balance_alpha * mtp_balance
+            cos, sin, mask = rope(batch)
+            mtp_logits, mtp_counts, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat,
+                                                                  None if seg is None else seg[:, :-1])
+            aux["mtp"] = mtp_loss(mtp_logits, window, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg)
+            aux["bal"] = balance_alpha * mtp_balance
             aux["counts"] = aux["counts"] if mtp_counts is None else mtp_counts
         return ce + mtp_weight * aux["mtp"] + aux["bal"], aux
 
@@ -447,7 +460,8 @@ def pipeline_train_loss_and_grads(graphdef, params, bias, windows_MBS, schedule:
                                   mtp_weight: float = 0.3, balance_alpha: float = 1e-4, remat: str = "none",
                                   axis: str = "pp", pad_to: tuple[int, int, int] | None = None):
     """(loss, grads like params, expert_counts [L_moe, E], mtp_expert_counts [D, E]) of train/step.py's loss
-    averaged over the M micro-batches of windows_MBS [M, B, T+1], computed by `schedule` over mesh axis `axis`
+    averaged over the M micro-batches of windows_MBS [M, B, T+1] (int tokens, or a train.step.Batch whose fields
+    are [M, B, T+1]), computed by `schedule` over mesh axis `axis`
     (the pipelined form of step.py's micro-batch scan; counts summed over micro-batches, for the bias update)."""
     loss, grads, _, counts, mtp_counts = pipeline_train_terms(
         graphdef, params, bias, windows_MBS, schedule, mesh, mtp_weight=mtp_weight, balance_alpha=balance_alpha,
@@ -466,10 +480,11 @@ def pipeline_train_terms(graphdef, params, bias, windows_MBS, schedule: Schedule
     """
     model = transformer_pipeline(graphdef, params, bias, schedule.num_stages, balance_alpha, remat)
     stage, edge = split_transformer(params, bias, schedule.num_stages)
-    m = windows_MBS.shape[0]
+    batch = as_batch(windows_MBS)
+    m = batch.tokens.shape[0]
     weights = jnp.full((m,), mtp_weight, jnp.float32)
     loss, (gs, ge), (stage_aux, head_aux) = pipeline_value_and_grad(
-        model, schedule, mesh, stage, edge, (windows_MBS, weights), axis=axis, pad_to=pad_to)
+        model, schedule, mesh, stage, edge, (batch, weights), axis=axis, pad_to=pad_to)
     counts = stage_aux["counts"]
     parts = (head_aux["ce"] / m, head_aux["mtp"] / m, (jnp.sum(stage_aux["bal"]) + head_aux["bal"]) / m)
     return (loss, merge_transformer_grads(gs, ge), parts, counts.reshape((-1,) + counts.shape[2:]),

@@ -122,17 +122,16 @@ def _bias_update(bias, counts, mtp_counts, gamma):
 
 
 def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
-    """grad_fn's ((loss, aux), grads) for one micro-batch [M, S], computed by the pipeline executor."""
+    """grad_fn's ((loss, aux), grads) for one micro-batch Batch [M, S], computed by the pipeline executor."""
     from sharding.pipeline_exec import pipeline_train_terms
 
     n = schedule.microbatches
 
     def grad_fn(params, bias, batch_MS: Batch, mtp_weight):
-        window_MS = batch_MS.tokens  # masks are refused before the jit (make_train_step's call)
-        windows_NBS = window_MS.reshape((n, window_MS.shape[0] // n) + window_MS.shape[1:])
-        windows_NBS = constrain(windows_NBS, (None, "batch", None))
+        batch_NBS = jax.tree.map(lambda a: constrain(a.reshape((n, a.shape[0] // n) + a.shape[1:]),
+                                                     (None, "batch", None)), batch_MS)
         loss, grads, (ce, mtp, bal), counts, mtp_counts = pipeline_train_terms(
-            graphdef, params, bias, windows_NBS, schedule, mesh, mtp_weight=mtp_weight,
+            graphdef, params, bias, batch_NBS, schedule, mesh, mtp_weight=mtp_weight,
             balance_alpha=sc.balance_alpha, remat=sc.remat)
         return (loss, (ce, mtp, bal, counts, mtp_counts, jnp.zeros((), jnp.float32))), grads
 
@@ -237,9 +236,6 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         if (teacher is None) != (distill is None):
             raise ValueError("make_train_step: pass teacher=(params, bias) exactly when the step has a DistillSpec")
         batch = as_batch(windows_KMS)
-        if schedule is not None and (batch.loss_mask is not None or batch.segment_ids is not None):
-            raise ValueError("make_train_step: the pipeline executor (--pipeline) does not take loss masks or "
-                             "segment ids; pass plain token windows, or train without a pipeline schedule")
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             return jitted(state, batch, scalar.float32(mtp_weight), scalar.float32(gamma),
                           scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup), teacher)

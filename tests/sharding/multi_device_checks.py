@@ -1,7 +1,8 @@
 """Run as a script on 8 simulated CPU devices (tests/sharding/test_sharded_training.py starts it): loss and
 gradients of the tiny model under meshes dp=8, ep=8, dp=2 x ep=4 against the single-device computation, the
-expert-parallel MoE under adversarial routing against the single-device MoE, and (given a corpus and a workdir)
-`train()` over dp=2 x ep=4. Prints one JSON line after RESULTS."""
+expert-parallel MoE under adversarial routing against the single-device MoE, the train step with a masked, packed
+Batch over dp=2 x ep=4 against the single-device loss and gradients, and (given a corpus and a workdir) `train()`
+over dp=2 x ep=4. Prints one JSON line after RESULTS."""
 
 import os
 
@@ -13,6 +14,7 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
@@ -22,7 +24,8 @@ from dsv3_jax.model.moe import MoE  # noqa: E402
 from dsv3_jax.model.transformer import Transformer  # noqa: E402
 from dsv3_jax.train.loop import RunArgs, train  # noqa: E402
 from dsv3_jax.train.optim import make_optimizer  # noqa: E402
-from dsv3_jax.train.step import init_state, split_model  # noqa: E402
+from dsv3_jax.train.step import (Batch, StepConfig, batch_loss_terms, init_state, make_train_step,  # noqa: E402
+                                 split_model)
 from sharding.mesh import build_mesh  # noqa: E402
 from sharding.rules import batch_spec, train_state_shardings  # noqa: E402
 
@@ -88,10 +91,43 @@ def adversarial_moe_checks(out):
                 "top_expert_load": int(aux0.counts_E[0])}
 
 
+def masked_batch_checks(out):
+    """make_train_step over dp=2 x ep=4 with a Batch (loss mask, segment ids, padding) against the single-device
+    value and gradient of the same loss (read from the optimizer state of an optimizer that stores the gradient)."""
+    model = Transformer(TINY, nnx.Rngs(0))
+    graphdef, params, bias = split_model(model)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, TINY.vocab_size, (1, 8, 17)).astype(np.int32)
+    seg = np.zeros((1, 8, 17), np.int32)
+    for r, cuts in enumerate(rng.integers(3, 8, (8, 2))):
+        seg[0, r, :cuts[0]], seg[0, r, cuts[0]:cuts[0] + cuts[1] + 4] = 1, 2  # two samples, a padding tail
+    mask = (rng.random((1, 8, 17)) > 0.3).astype(np.float32)
+    batch = Batch(tokens, mask, seg)
+    sc = StepConfig()
+
+    def loss_fn(params, bias):
+        loss, parts, _ = batch_loss_terms(nnx.merge(graphdef, params, bias), jax.tree.map(lambda a: a[0], batch),
+                                          0.3, sc.balance_alpha)
+        return loss
+
+    loss0, grads0 = jax.jit(jax.value_and_grad(loss_fn))(params, bias)
+    keep_grads = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                              lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+    state = init_state(params, bias, keep_grads)
+    mesh = build_mesh("dp=2,ep=4", TINY, batch=8)
+    sh = train_state_shardings(state, mesh)
+    step = make_train_step(graphdef, keep_grads, sc, mesh=mesh, state_shardings=sh)
+    new, m = step(jax.device_put(state, sh), batch, 0.3, 0.0)
+    errs = [rel_err(g1, g0) for g1, g0 in zip(jax.tree.leaves(new["opt"]), jax.tree.leaves(grads0))]
+    out["masked_dp=2,ep=4"] = {"loss_rel": rel_err(m.loss, loss0), "grad_rel_max": max(errs), "n_grads": len(errs),
+                               "skipped": bool(m.skipped)}
+
+
 if __name__ == "__main__":
     results: dict = {}
     gradient_checks(results)
     adversarial_moe_checks(results)
+    masked_batch_checks(results)
     if len(sys.argv) == 4:  # corpus, workdir, steps: the same run as the test's single-device reference
         train(RunArgs(workdir=sys.argv[2], steps=int(sys.argv[3]), preset="tiny", batch=8, seq_len=32,
                       data=[sys.argv[1]], save_every=100, sample_tokens=0, progress=False, mesh="dp=2,ep=4"))

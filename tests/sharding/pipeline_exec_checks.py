@@ -1,8 +1,8 @@
 """Multi-device checks of sharding/pipeline_exec.py, run as a script in its own process (8 simulated CPU devices).
 
 Prints one JSON object: for each (model, schedule, pp) the pipelined loss next to the sequential single-device
-loss and the largest per-leaf gradient error max|g - g_ref| / max|g_ref|; plus the messages of the bad-input
-checks. tests/sharding/test_pipeline_exec.py runs it and asserts on the numbers.
+loss and the largest per-leaf gradient error max|g - g_ref| / max|g_ref| (the transformer also with packed,
+masked micro-batches under DualPipe); plus the messages of the bad-input checks. tests/sharding/test_pipeline_exec.py runs it and asserts on the numbers.
 """
 
 import os
@@ -18,6 +18,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)  # tiny programs: compile time dominates
 from flax import nnx  # noqa: E402
@@ -25,7 +26,7 @@ from flax import nnx  # noqa: E402
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.losses import cross_entropy, mtp_loss  # noqa: E402
 from dsv3_jax.model.transformer import Transformer  # noqa: E402
-from dsv3_jax.train.step import split_model  # noqa: E402
+from dsv3_jax.train.step import Batch, batch_loss_terms, split_model  # noqa: E402
 from sharding.pipeline import make_schedule  # noqa: E402
 from sharding.pipeline_exec import (PipelineModel, pipeline_train_loss_and_grads, pipeline_value_and_grad,  # noqa: E402
                                     program_shape, transformer_pipeline)
@@ -54,7 +55,7 @@ def mlp_embed(e, inp):
     return inp[0] @ e["w_in"]
 
 
-def mlp_stage(p, h):
+def mlp_stage(p, h, inp=None):
     return h + jax.nn.gelu(h @ p["w1"]) @ p["w2"], 1e-3 * jnp.sum(p["w1"] ** 2), ()
 
 
@@ -132,10 +133,40 @@ def transformer_checks(out):
                 schedule=s.name, pp=pp, loss=float(loss), ref_loss=float(ref_loss),
                 grad_err=grad_error(grads, ref_grads), counts=counts.tolist(), ref_counts=ref_counts[0].tolist(),
                 mtp_counts=mtp_counts.tolist(), ref_mtp_counts=ref_counts[1].tolist()))
+    masked_pipeline_check(out, cfg, graphdef, params, bias, windows, mtp_weight, alpha)
     try:
         transformer_pipeline(graphdef, params, bias, 3)
     except ValueError as e:
         out["errors"]["stages"] = str(e)
+
+
+def masked_pipeline_check(out, cfg, graphdef, params, bias, windows, mtp_weight, alpha):
+    """Packed micro-batches with loss masks and segment ids through DualPipe on pp=2 against the training step's
+    loss (train.step.batch_loss_terms) of each micro-batch on one device."""
+    m, b, s = windows.shape
+    rng = np.random.default_rng(3)
+    seg = np.zeros((m, b, s), np.int32)
+    for i, j in np.ndindex(m, b):
+        cut = rng.integers(2, 6)
+        seg[i, j, :cut], seg[i, j, cut:s - 1] = 1, 2  # two samples, one padding token
+    batch = Batch(windows, jnp.asarray((rng.random((m, b, s)) > 0.3).astype(np.float32)), jnp.asarray(seg))
+
+    @jax.jit
+    @functools.partial(jax.value_and_grad, has_aux=True)
+    def one(params, mb):
+        loss, _, o = batch_loss_terms(nnx.merge(graphdef, params, bias), mb, mtp_weight, alpha)
+        return loss, (o.expert_counts, o.mtp_expert_counts)
+
+    per_mb = [one(params, jax.tree.map(lambda a: a[i], batch)) for i in range(m)]
+    ref_loss = sum(v for (v, _), _ in per_mb) / m
+    ref_grads = jax.tree.map(lambda *g: sum(g) / m, *[g for _, g in per_mb])
+    ref_counts = [sum(c[i] for (_, c), _ in per_mb) for i in (0, 1)]
+    loss, grads, counts, mtp_counts = pipeline_train_loss_and_grads(
+        graphdef, params, bias, batch, make_schedule("dualpipe", 2, m), mesh_of(2), mtp_weight=mtp_weight,
+        balance_alpha=alpha)
+    out["transformer_masked"] = dict(
+        schedule="DualPipe", pp=2, loss=float(loss), ref_loss=float(ref_loss), grad_err=grad_error(grads, ref_grads),
+        counts_equal=bool(np.array_equal(counts, ref_counts[0]) and np.array_equal(mtp_counts, ref_counts[1])))
 
 
 def error_checks(out):
@@ -158,7 +189,7 @@ def error_checks(out):
 
 
 def main():
-    out = {"mlp": [], "transformer": [], "errors": {}, "seconds": {}}
+    out = {"mlp": [], "transformer": [], "transformer_masked": {}, "errors": {}, "seconds": {}}
     for name, fn in (("errors", error_checks), ("mlp", mlp_checks), ("transformer", transformer_checks)):
         if len(sys.argv) > 1 and name not in sys.argv[1:]:
             continue

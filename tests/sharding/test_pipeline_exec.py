@@ -51,6 +51,12 @@ def test_transformer_matches_single_device_grad(results):
         assert len(r["counts"]) == 4 and sum(map(sum, r["counts"])) == 4 * 8 * 2 * 8 * 2  # L * M * B * T * K
 
 
+def test_masked_packed_microbatches_match_single_device_grad(results):
+    r = results["transformer_masked"]
+    assert abs(r["loss"] - r["ref_loss"]) <= TOL * abs(r["ref_loss"]), r
+    assert r["grad_err"] <= TOL and r["counts_equal"], r
+
+
 def test_bad_input_raises(results):
     errors = results["errors"]
     assert "do not split into 3" in errors["stages"]

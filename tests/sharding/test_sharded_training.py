@@ -1,6 +1,7 @@
 """Data and expert parallel training equals the single-device computation: loss and gradients on 8 simulated CPU
-devices (dp=8, ep=8, dp=2 x ep=4), the expert-parallel MoE under adversarial routing (nothing dropped), `train()`
-over a mesh and `dsv3 train --mesh` in two processes on localhost, against a single-device run.
+devices (dp=8, ep=8, dp=2 x ep=4), a masked packed Batch through the step on dp=2 x ep=4, the expert-parallel MoE
+under adversarial routing (nothing dropped), `train()` over a mesh and `dsv3 train --mesh` in two processes on
+localhost, against a single-device run.
 
 The multi-device work runs in subprocesses (the pytest process has one device), started together so that their
 compiles overlap with the single-device reference run."""
@@ -87,6 +88,12 @@ def test_loss_and_gradients_equal_single_device(runs, spec):
     assert r["grad_rel_max"] <= 1e-5, r  # every parameter's gradient, relative to its norm
     assert r["n_grads"] > 40 and r["counts_equal"]
     assert r["experts_sharded"] == ("ep" in spec)
+
+
+def test_masked_packed_batch_step_equals_single_device(runs):
+    r = _results(runs)["masked_dp=2,ep=4"]
+    assert not r["skipped"] and r["n_grads"] > 40
+    assert r["loss_rel"] <= 1e-6 and r["grad_rel_max"] <= 1e-5, r
 
 
 def test_adversarial_routing_drops_nothing_under_expert_parallelism(runs):
