@@ -30,6 +30,7 @@ from dsv3_jax.posttrain.chat import chat_tokenizer, check_messages, render
 from dsv3_jax.precision import Precision
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.optim import constant_schedule, cosine_lr_schedule
+from sharding.mesh import parse_mesh_spec
 from sharding.rules import ZERO_MODES
 
 
@@ -227,6 +228,8 @@ def _validate(args: SFTArgs) -> None:
         raise ValueError("--distill-weight needs --teacher DIR")
     if args.teacher is not None and args.distill_weight == 0:
         raise ValueError("--teacher is only used for logit distillation; give --distill-weight > 0")
+    if args.mesh is not None and parse_mesh_spec(args.mesh)["pp"] > 1:
+        raise ValueError(f"--mesh {args.mesh}: dsv3 sft does not run pipeline parallelism (pp); use dp, ep and tp")
     if args.zero not in ZERO_MODES:
         raise ValueError(f"zero must be one of {ZERO_MODES}, got {args.zero!r}")
     if args.seed < 0:
