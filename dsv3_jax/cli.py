@@ -1,5 +1,5 @@
 """The `dsv3` command line: `dsv3 info` (parameter and cache accounting of a config), `train`, `sft`,
-`distill-data`, `generate`, `eval`, `plot` and `plan` (the analytic parallel-training planner of
+`distill-data`, `grpo`, `generate`, `eval`, `plot` and `plan` (the analytic parallel-training planner of
 sharding/planner.py)."""
 
 from __future__ import annotations
@@ -104,6 +104,30 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed, top_p=args.top_p)
     print(f"dsv3 distill-data: {r['written']} answers to {r['prompts']} prompts in {r['out']} "
           f"({r['truncated']} hit --max-new-tokens without <|eos|>, marked \"truncated\")")
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from dsv3_jax.posttrain.grpo import GRPOArgs, GRPOInterrupted, parse_task_options, run_grpo
+
+    run = GRPOArgs(init=args.init, workdir=args.workdir, task=args.task,
+                   task_options=parse_task_options(args.task_option), iterations=args.iterations,
+                   prompts_per_batch=args.prompts_per_batch, group_size=args.group_size,
+                   updates_per_batch=args.updates_per_batch, lr=args.lr, lr_schedule=args.lr_schedule,
+                   weight_decay=args.weight_decay, clip_eps=args.clip_eps, kl_beta=args.kl_beta,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, rewards=tuple(args.reward or ()), gamma=args.gamma, mtp_weight=args.mtp_weight,
+                   system=args.system, seed=args.seed, save_every=args.save_every, keep=args.keep,
+                   resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
+    try:
+        summary = run_grpo(run)
+    except GRPOInterrupted:
+        print("dsv3 grpo: interrupted; checkpoint saved, continue with --resume", file=sys.stderr)
+        return 130
+    if "first_reward" in summary:
+        print(f"dsv3 grpo: {summary['iterations_done']} iterations, reward {summary['first_reward']:.3f} -> "
+              f"{summary['last_reward']:.3f}, accuracy {summary['first_accuracy']:.3f} -> "
+              f"{summary['last_accuracy']:.3f}; metrics in {summary['workdir']}/metrics.jsonl")
     return 0
 
 
@@ -317,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-new-tokens", type=int, default=64, help="generation and code tasks")
+    ev.add_argument("--chat", action="store_true", help="generation prompts as a user turn of the chat template "
+                    "(models after dsv3 sft / dsv3 grpo)")
     ev.add_argument("--top-k", type=int, help="code sampling")
     ev.add_argument("--top-p", type=float, help="code sampling")
     ev.add_argument("--samples", type=int, default=1, help="code samples per problem (n of pass@k)")
@@ -332,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.add_argument("--dump-scores", help="write per-example scores to this JSONL file")
     ev.set_defaults(func=cmd_eval)
+
+    _add_grpo_parser(sub)
 
     from sharding.planner import HARDWARE, SCHEDULES, TrainSettings
 
@@ -361,6 +389,45 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("workdir")
     pl.set_defaults(func=cmd_plot)
     return parser
+
+
+def _add_grpo_parser(sub) -> None:
+    gr = sub.add_parser("grpo", help="GRPO (paper §5.2.2) with rule rewards on built-in verifiable tasks or JSONL")
+    gr.add_argument("--init", required=True, help="policy and reference: a dsv3 train/sft work directory or a "
+                                                  "released-format checkpoint with tokenizer.json")
+    gr.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and events.jsonl go here")
+    gr.add_argument("--task", default="builtin:addition", help="builtin:addition|sorting|countdown or a JSONL "
+                                                               "file of {\"prompt\", \"answer\"} lines")
+    gr.add_argument("--task-option", action="append", metavar="KEY=INT",
+                    help="built-in task option, repeatable (addition: digits; sorting: length, digits; "
+                         "countdown: count, max_number)")
+    gr.add_argument("--iterations", type=int, default=100)
+    gr.add_argument("--prompts-per-batch", type=int, default=8)
+    gr.add_argument("--group-size", type=int, default=8, help="G samples per prompt")
+    gr.add_argument("--updates-per-batch", type=int, default=1, help="mu: gradient steps per batch of samples")
+    gr.add_argument("--lr", type=float, default=1e-5)
+    gr.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    gr.add_argument("--weight-decay", type=float, default=0.0)
+    gr.add_argument("--clip-eps", type=float, default=0.2)
+    gr.add_argument("--kl-beta", type=float, default=0.04)
+    gr.add_argument("--max-new-tokens", type=int, default=32)
+    gr.add_argument("--temperature", type=float, default=1.0)
+    gr.add_argument("--top-k", type=int)
+    gr.add_argument("--top-p", type=float)
+    gr.add_argument("--reward", action="append", metavar="NAME=WEIGHT",
+                    help="rule reward and weight, repeatable (exact, format; default exact=1.0 format=0.1)")
+    gr.add_argument("--gamma", type=float, default=0.0, help="expert-bias update speed (0: bias frozen)")
+    gr.add_argument("--mtp-weight", type=float, default=0.0, help="MTP loss weight on completions (0: MTP "
+                                                                   "not trained)")
+    gr.add_argument("--system", help="system message of every prompt")
+    gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("--save-every", type=int, default=50, help="checkpoint every this many iterations")
+    gr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    gr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    gr.add_argument("--stop-at", type=int, help="stop after this iteration with a checkpoint, as an interruption "
+                                                "would")
+    gr.add_argument("--no-progress", action="store_true")
+    gr.set_defaults(func=cmd_grpo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def run_eval(args: argparse.Namespace, load) -> int:
                             code_temperature=args.temperature, pass_ks=tuple(args.pass_k),
                             code_timeout=args.timeout, ppl_window=args.ppl_window, ppl_stride=args.ppl_stride,
                             passkey_lengths=tuple(args.lengths), passkey_depths=tuple(args.depths),
-                            passkey_trials=args.trials).validate()
+                            passkey_trials=args.trials, chat=args.chat).validate()
     tasks = resolve_tasks(args.task, args.kind, args.limit, args.seed)
     names = ["builtin:passkey" if t == "passkey" else t.name for t in tasks]
     for name in names:

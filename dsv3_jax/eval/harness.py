@@ -37,6 +37,7 @@ class EvalSettings:
     passkey_lengths: tuple[int, ...] = (64, 128, 256)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_trials: int = 5
+    chat: bool = False  # generation prompts as a user turn of the chat template (post-trained models)
 
     def validate(self) -> "EvalSettings":
         """Raise ValueError on an impossible setting; returns self."""
@@ -108,11 +109,17 @@ def run_multiple_choice(model, tokenizer, bos, task: Task, settings: EvalSetting
 
 def generate_texts(model, tokenizer, bos, prompts: Sequence[str], settings: EvalSettings, max_new_tokens: int,
                    temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Continuations of text prompts (BOS first), decoded up to the first EOS; batched in fixed shapes."""
+    """Continuations of text prompts (BOS first; or as chat user turns with settings.chat), decoded up to the first
+    EOS; batched in fixed shapes."""
     cfg = model.config
     max_pos = cfg.max_position_embeddings
     eos = cfg.eos_token_id
-    ids = [_bos(bos) + tokenizer.encode(p) for p in prompts]
+    if settings.chat:
+        from dsv3_jax.posttrain.chat import render_prompt
+
+        ids = [render_prompt(p, tokenizer) for p in prompts]
+    else:
+        ids = [_bos(bos) + tokenizer.encode(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise ValueError(f"prompt {i} is empty and the model has no BOS token")

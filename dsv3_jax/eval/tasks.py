@@ -127,15 +127,9 @@ def load_jsonl_task(path: str, kind: str | None = None, limit: int | None = None
 
 
 def posttrain_task(name: str, n: int, seed: int) -> Task:
-    """A built-in post-training task as a generation task scored by its own checker.
+    """A built-in post-training task (dsv3_jax.posttrain.tasks) as a generation task scored by its own checker."""
+    from dsv3_jax.posttrain import tasks as posttrain
 
-    INTEGRATION HOOK: resolved lazily from dsv3_jax.posttrain.tasks (make_problems(task, n, seed) -> Problems with
-    prompt/answer/meta; score(task, completion, problem) -> float), which lives on another branch.
-    """
-    try:
-        from dsv3_jax.posttrain import tasks as posttrain  # noqa: PLC0415
-    except ImportError:
-        raise ValueError(f"builtin:{name} needs dsv3_jax.posttrain.tasks, which this build does not have") from None
     problems = posttrain.make_problems(name, n, seed)
     examples = tuple({"prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems)
     return Task(f"builtin:{name}", "generate", examples,

@@ -1,6 +1,7 @@
 """Evaluation tasks on a tiny random byte-level model: text multiple choice, generation exact match and perplexity
 against direct computations from the model's logits; passkey prompts; bad task files."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from dsv3_jax.eval import EvalSettings, Task, load_jsonl_task, run_task
 from dsv3_jax.eval.passkey import FILLER, NEEDLE, make_passkey_problems, passkey_prompt, passkey_score
+from dsv3_jax.posttrain.chat import render_prompt
 
 SETTINGS = EvalSettings(batch_size=8, max_new_tokens=6)
 
@@ -75,6 +77,20 @@ def test_generation_exact_match_equals_full_forward_greedy(byte_model, forward, 
     metrics, records = run_task(model, tok, 0, load_jsonl_task(_write(tmp_path, "gen.jsonl", rows)), SETTINGS)
     assert [r["completion"] for r in records] == expected
     assert metrics["exact_match"] == pytest.approx(3 / 5)
+    # chat: the prompt as a user turn of the chat template
+    chat_seqs = [render_prompt(p, tok) for p in prompts]
+    n_prompt = [len(ids) for ids in chat_seqs]
+    for _ in range(6):
+        logits = forward(chat_seqs)
+        for r, ids in enumerate(chat_seqs):
+            ids.append(int(np.argmax(logits[r, len(ids) - 1])))
+    chat_expected = []
+    for n, ids in zip(n_prompt, chat_seqs):
+        new = ids[n:]
+        chat_expected.append(tok.decode(new[:new.index(1)] if 1 in new else new))
+    _, records = run_task(model, tok, 0, load_jsonl_task(_write(tmp_path, "gen.jsonl", rows)),
+                          dataclasses.replace(SETTINGS, chat=True))
+    assert [r["completion"] for r in records] == chat_expected
     # a task's own scorer replaces exact match (the hook the built-in post-training tasks use)
     task = Task("custom", "generate", tuple(rows), scorer=lambda completion, ex: float(len(completion) == 6))
     metrics, _ = run_task(model, tok, 0, task, SETTINGS)
@@ -171,33 +187,14 @@ def test_code_pass_at_k_with_sampling(byte_model, tmp_path):
     assert metrics == {"pass@1": 2 / 3, "pass@2": 2 / 3, "n": 3, "samples": 2, "temperature": 0.8}
 
 
-def test_builtin_posttrain_hook(monkeypatch):
-    """builtin:addition resolves through dsv3_jax.posttrain.tasks (make_problems, score), here a stand-in."""
-    import sys
-    import types
-
+def test_builtin_posttrain_task():
+    """builtin:addition: the post-training task's problems, scored by its own checker."""
     from dsv3_jax.eval.cli import resolve_tasks
+    from dsv3_jax.posttrain.tasks import make_problems
 
-    fake = types.ModuleType("dsv3_jax.posttrain.tasks")
-    fake.make_problems = lambda task, n, seed: [types.SimpleNamespace(prompt=f"{i}+{seed}=", answer=str(i + seed),
-                                                                      meta={}) for i in range(n)]
-    fake.score = lambda task, completion, problem: float(task == "addition" and completion.strip() == problem.answer)
-    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain", types.ModuleType("dsv3_jax.posttrain"))
-    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain.tasks", fake)
     [task] = resolve_tasks(["builtin:addition"], None, 3, 5)
-    assert (task.name, task.kind, [ex["prompt"] for ex in task.examples]) == ("builtin:addition", "generate",
-                                                                               ["0+5=", "1+5=", "2+5="])
-    assert task.scorer(" 6 ", task.examples[1]) == 1.0 and task.scorer("7", task.examples[1]) == 0.0
-
-
-def test_builtin_posttrain_missing_module(monkeypatch):
-    import sys
-
-    from dsv3_jax.eval.cli import resolve_tasks
-
-    import types
-
-    monkeypatch.setitem(sys.modules, "dsv3_jax.posttrain", types.ModuleType("dsv3_jax.posttrain"))
-    monkeypatch.delitem(sys.modules, "dsv3_jax.posttrain.tasks", raising=False)  # a package without it
-    with pytest.raises(ValueError, match="builtin:sorting needs dsv3_jax.posttrain.tasks"):
-        resolve_tasks(["builtin:sorting"], None, None, 0)
+    problems = make_problems("addition", 3, 5)
+    assert (task.name, task.kind) == ("builtin:addition", "generate")
+    assert [ex["prompt"] for ex in task.examples] == [p.prompt for p in problems]
+    ex = task.examples[1]
+    assert task.scorer(f" {ex['answer']} ", ex) == 1.0 and task.scorer(ex["answer"] + "1", ex) == 0.0
