@@ -82,7 +82,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     run = SFTArgs(workdir=args.workdir, init=args.init, data=args.data, steps=args.steps, epochs=args.epochs,
                   batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len, seed=args.seed, lr=args.lr,
                   min_lr=args.min_lr, warmup=args.warmup, precision=args.precision, remat=args.remat,
-                  truncate=args.truncate, gamma=args.gamma, mtp_weight=args.mtp_weight, teacher=args.teacher,
+                  truncate=args.truncate, resize_vocab=args.resize_vocab, gamma=args.gamma, mtp_weight=args.mtp_weight, teacher=args.teacher,
                   distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
                   resume=args.resume, stop_at=args.stop_at, save_every=args.save_every, keep=args.keep,
                   spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--remat", default="none", choices=["none", "paper", "full"])
     st.add_argument("--truncate", action="store_true", help="cut conversations longer than a row (counted) instead "
                                                             "of failing")
+    st.add_argument("--resize-vocab", action="store_true", help="grow the embedding and head (new rows: the mean) "
+                                                                "when the role tokens need ids past vocab_size")
     st.add_argument("--gamma", type=float, default=0.0, help="expert-bias update speed (default 0: frozen)")
     st.add_argument("--mtp-weight", type=float, default=0.1, help="MTP loss weight (0 turns the term off)")
     st.add_argument("--teacher", help="logit distillation: a checkpoint with the same vocabulary")

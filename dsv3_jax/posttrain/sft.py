@@ -5,7 +5,8 @@ template (posttrain.chat: loss on assistant tokens and their closing <|eos|> onl
 the seed and packed greedily, in that order, into rows of seq_len + 1 tokens with segment ids 1, 2, ... per row
 (0 = padding): attention stays within a conversation and positions restart (sample masking, §5.1). Each epoch
 visits the rows in a fresh permutation of (seed, epoch). A conversation longer than a row is an error, or with
-`truncate` is cut to the row (counted and reported).
+`truncate` is cut to the row (counted and reported). Role tokens past the model's vocabulary are an error, or with
+`resize_vocab` new embedding rows and head columns (the mean of the existing ones).
 
 Schedule (§5.1): cosine from --lr 5e-6 to --min-lr 1e-6 over the run (optional --warmup steps, 0 by default),
 2 epochs by default. The expert bias is frozen by default (--gamma 0: the value pretraining ends with, §4.2);
@@ -184,6 +185,7 @@ class SFTArgs:
     precision: str = "fp32"
     remat: str = "none"
     truncate: bool = False
+    resize_vocab: bool = False  # grow the embedding and head when the role tokens need ids past vocab_size
     gamma: float = 0.0
     mtp_weight: float = 0.1
     teacher: str | None = None
@@ -236,17 +238,41 @@ def _validate(args: SFTArgs) -> None:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
 
 
-def sft_tokenizer(tokenizer, vocab_size: int, where: str):
-    """The init's tokenizer with the chat role tokens; ValueError if they fall outside the model's vocabulary."""
+def sft_tokenizer(tokenizer, vocab_size: int, where: str, resize_ok: bool = False):
+    """The init's tokenizer with the chat role tokens; ValueError if they fall outside the model's vocabulary
+    (unless resize_ok: the caller grows the model with resize_vocab)."""
     if not isinstance(tokenizer, data_lib.Tokenizer):
         raise ValueError(f"{where}: its tokenizer.json is not in this project's layout (<|bos|> = 0, <|eos|> = 1); "
                          "the chat template needs it")
     tok = chat_tokenizer(tokenizer)
-    if tok.vocab_size > vocab_size:
+    if tok.vocab_size > vocab_size and not resize_ok:
         raise ValueError(f"{where}: the chat role tokens need ids up to {tok.vocab_size - 1}, beyond the model's "
-                         f"vocab_size {vocab_size} (a tokenizer trained by this project reserves them; resize the "
-                         "embedding and head of this checkpoint first)")
+                         f"vocab_size {vocab_size} (a tokenizer trained by this project reserves them); pass "
+                         "--resize-vocab to grow the embedding and head")
     return tok
+
+
+def resize_vocab(cfg, params, vocab_size: int):
+    """(config, params) with vocab_size rows of the embedding and columns of the head: the new ones start at the
+    mean of the existing ones (a new token is embedded and scored like an average token)."""
+    from dsv3_jax.train.loop import flat_state, unflat_state
+
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"resize_vocab: cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
+    flat = dict(flat_state(params))
+    for name, axis in (("embed", 0), ("head", 1)):
+        keys = [k for k in flat if k.split(".")[0] == name]
+        if len(keys) != 1 or flat[keys[0]].shape[axis] != cfg.vocab_size:
+            raise ValueError(f"resize_vocab: expected one {name} parameter with {cfg.vocab_size} entries on axis "
+                             f"{axis}, got {keys}")
+        w = np.asarray(flat[keys[0]])
+        extra = np.repeat(w.mean(axis=axis, keepdims=True), vocab_size - cfg.vocab_size, axis=axis)
+        flat[keys[0]] = np.concatenate([w, extra.astype(w.dtype)], axis=axis)
+    shapes = {k: v.shape for k, v in flat.items()}
+    new = unflat_state(flat, params)
+    if any(tuple(np.shape(v)) != shapes[k] for k, v in flat_state(new).items()):
+        raise ValueError("resize_vocab: the resized parameters did not land in the model's structure")
+    return cfg.replace(vocab_size=vocab_size), new
 
 
 def _teacher(args: SFTArgs, student_cfg, student_tokenizer):
@@ -280,7 +306,7 @@ def sft(args: SFTArgs) -> dict[str, Any]:
     initialize_distributed()
     model, tokenizer = load_model_and_tokenizer(args.init)
     cfg = model.config
-    tokenizer = sft_tokenizer(tokenizer, cfg.vocab_size, f"--init {args.init}")
+    tokenizer = sft_tokenizer(tokenizer, cfg.vocab_size, f"--init {args.init}", resize_ok=args.resize_vocab)
     data_lib.check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
     packed = pack_conversations(encode_conversations(read_chat_jsonl(args.data), tokenizer), args.seq_len,
@@ -294,11 +320,15 @@ def sft(args: SFTArgs) -> dict[str, Any]:
         raise ValueError(f"--warmup {args.warmup} must be smaller than the run's {steps} steps")
     lr = cosine_lr_schedule(args.lr, args.min_lr, steps, args.warmup)
     micro = args.micro_batch or args.batch
+    _, params, bias = split_model(model)
+    del model
+    if tokenizer.vocab_size > cfg.vocab_size:  # --resize-vocab (sft_tokenizer refuses it otherwise)
+        old = cfg.vocab_size
+        cfg, params = resize_vocab(cfg, params, tokenizer.vocab_size)
+        print(f"dsv3 sft: vocabulary resized {old} -> {cfg.vocab_size} for the chat role tokens")
     teacher = None if args.teacher is None else _teacher(args, cfg, tokenizer)
 
     workdir, ckpt = open_workdir(args.workdir, args.resume, args.keep)
-    _, params, bias = split_model(model)
-    del model
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=lr, mesh_spec=args.mesh, micro=micro,
                             zero=args.zero, resume=args.resume, init=(params, bias))
     del params, bias

@@ -227,7 +227,7 @@ def test_sft_bad_arguments(base, tmp_path):
     with pytest.raises(ValueError, match="vocab_size 600 differs from the student's 512"):
         sft(_sft_args(base, tmp_path / "x", teacher=str(tmp_path / "other"), distill_weight=0.5))
     byte = ByteTokenizer()  # no role tokens: appending them needs ids past a byte-sized vocabulary
-    with pytest.raises(ValueError, match="beyond the model's vocab_size"):
+    with pytest.raises(ValueError, match="beyond the model.s vocab_size.*--resize-vocab"):
         sft_tokenizer(byte, byte.vocab_size, "test")
 
 
@@ -285,3 +285,27 @@ def test_context_extension_starts_from_the_run_with_yarn(base, tuned, tmp_path):
     with pytest.raises(ValueError, match="exceeds --yarn-original-len 32 x --yarn-factor 2"):
         train(RunArgs(workdir=str(tmp_path / "y"), steps=1, preset=None, init=str(tuned), yarn_factor=2.0,
                       seq_len=128, sample_tokens=0, progress=False))
+
+
+def test_resize_vocab_appends_mean_rows():
+    from flax import nnx
+
+    from dsv3_jax.model.transformer import Transformer
+    from dsv3_jax.posttrain.sft import resize_vocab
+
+    cfg = CFG.replace(vocab_size=258)
+    _, params, _ = split_model(Transformer(cfg, nnx.Rngs(0)))
+    new_cfg, new = resize_vocab(cfg, params, 261)
+    assert new_cfg.vocab_size == 261
+    old, grown = flat_state(params), flat_state(new)
+    emb, head = np.asarray(old["embed.value"]), np.asarray(old["head.value"])
+    np.testing.assert_array_equal(grown["embed.value"][:258], emb)
+    np.testing.assert_allclose(grown["embed.value"][258:], np.repeat(emb.mean(0, keepdims=True), 3, 0), rtol=1e-6)
+    np.testing.assert_array_equal(grown["head.value"][:, :258], head)
+    np.testing.assert_allclose(grown["head.value"][:, 258:], np.repeat(head.mean(1, keepdims=True), 3, 1), rtol=1e-6)
+    assert all(np.array_equal(grown[k], old[k]) for k in old if k not in ("embed.value", "head.value"))
+    # the grown parameters fit a model of the new config
+    like = flat_state(split_model(nnx.eval_shape(lambda: Transformer(new_cfg, nnx.Rngs(0))))[1])
+    assert {k: tuple(v.shape) for k, v in like.items()} == {k: tuple(np.shape(v)) for k, v in grown.items()}
+    with pytest.raises(ValueError, match="cannot shrink"):
+        resize_vocab(cfg, params, 100)
