@@ -1,10 +1,10 @@
 """M-grouped block-scaled FP8 GEMM over the contiguous MoE layout (reference §5.2 DeepGEMM "Grouped GEMMs").
 
 The rows of ``x_q [P, K]`` are grouped by expert: ``m_indices_P`` holds each row's group (-1 on padding rows) and
-every ``block_m``-row block (128, DeepGEMM's M alignment) belongs to one group, as ``pallas_kernels.dispatch``
-lays them out. Row p of the output is ``x_q[p] @ w_q[m_indices[p]]^T`` with the per-128-K promotion of
-``fp8_gemm`` (scales x_s [P, nK] per 1x128 tile, w_s [G, nN, nK] per 128x128 block of each expert's weight);
-padding rows give zeros. ``grouped_gemm`` is the non-FP8 variant (bf16/f32 operands, unit scales).
+every ``block_m``-row block (128, DeepGEMM's M alignment) belongs to one group, as
+``dsv3_jax.model.experts.expert_layout`` lays them out (its ``expert_P``). Row p of the output is
+``x_q[p] @ w_q[m_indices[p]]^T`` with the per-128-K promotion of ``fp8_gemm`` (scales x_s [P, nK] per 1x128 tile,
+w_s [G, nN, nK] per 128x128 block of each expert's weight); padding rows give zeros. ``grouped_gemm`` is the non-FP8 variant (bf16/f32 operands, unit scales).
 
 Dimension letters: P buffer rows, G groups (experts), N out features, K contraction, k the K block index.
 """

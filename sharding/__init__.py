@@ -5,9 +5,10 @@ Model parameters carry logical axis names (metadata `out_sharding`, e.g. ('layer
 routed experts over 'ep' with all-to-all dispatch inside `jax.shard_map`.
 """
 
-from sharding.expert_parallel import ep_groups_of_experts, moe_expert_parallel
+from sharding.expert_parallel import ep_groups_of_experts, experts_split, moe_expert_parallel
 from sharding.mesh import MESH_AXES, build_mesh, initialize_distributed, parse_mesh_spec, validate_mesh
 from sharding.rules import RULES, constrain, logical_to_spec, train_state_shardings
 
-__all__ = ["MESH_AXES", "RULES", "build_mesh", "constrain", "ep_groups_of_experts", "initialize_distributed",
-           "logical_to_spec", "moe_expert_parallel", "parse_mesh_spec", "train_state_shardings", "validate_mesh"]
+__all__ = ["MESH_AXES", "RULES", "build_mesh", "constrain", "ep_groups_of_experts", "experts_split",
+           "initialize_distributed", "logical_to_spec", "moe_expert_parallel", "parse_mesh_spec",
+           "train_state_shardings", "validate_mesh"]

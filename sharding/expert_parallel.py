@@ -5,9 +5,13 @@ Each (dp, ep) rank routes its own T tokens (attention is data-parallel over dp x
 e // E_loc (E_loc = E / ep, contiguous). A rank sends rank r one row per (token, slot) pair whose expert lives
 on r, into a static buffer of C = T * min(K, E_loc) rows per destination: a token's K experts are distinct, so at
 most min(K, E_loc) of them share a rank, and the buffer holds the worst case — no capacity factor, no token
-dropped. Padding rows carry the sentinel expert id E_loc and produce zeros. The receiver runs its E_loc experts
-over the rows with the grouped matmul of model/moe.py, a second all-to-all returns the outputs, and each token
-sums its K gated outputs.
+dropped. Padding rows carry the sentinel expert id E_loc, which gets no row of the expert layout. The receiver
+runs the received rows through its E_loc experts with model/experts.py's `routed_experts` (one slot per row, gate
+1: the single-device path with the local experts), a second all-to-all returns the outputs, and each token sums
+its K gated outputs.
+
+This module also decides when the model runs expert-parallel (`experts_split`): the MoE layer asks it, so the
+model code names no mesh axis.
 
 Node-limited routing (paper §2.1.2): the model's group-limited routing keeps topk_group of n_group expert groups
 per token; with the mesh aligned (sharding.mesh.validate_mesh) each group lives on whole ranks, so a token's
@@ -25,10 +29,9 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.losses import sequence_balance_terms
-from dsv3_jax.model.moe import default_tile, dispatch_layout, grouped_matmul, route
+from dsv3_jax.model.experts import Routing, route, routed_experts
 from sharding.mesh import ep_group_size
-
-from jax.ad_checkpoint import checkpoint_name
+from sharding.rules import constrain
 
 
 def ep_groups_of_experts(cfg: ModelConfig, ep: int) -> np.ndarray:
@@ -37,26 +40,21 @@ def ep_groups_of_experts(cfg: ModelConfig, ep: int) -> np.ndarray:
     return np.arange(cfg.n_routed_experts) // e_loc // ep_group_size(cfg, ep)
 
 
-def _local_experts(x_PD, expert_P, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int):
-    """SwiGLU of row p through local expert expert_P[p]; rows with the sentinel id E_loc give zeros."""
-    e_loc = w_gate_EDF.shape[0]
-    dt = x_PD.dtype
-    layout = dispatch_layout(expert_P[:, None], e_loc + 1, tile)  # the sentinel sorts last
-    src = jnp.full((layout.rows,), x_PD.shape[0], jnp.int32).at[layout.dest_TK[:, 0]].set(
-        jnp.arange(x_PD.shape[0], dtype=jnp.int32))
-    xs_PD = jnp.concatenate([x_PD, jnp.zeros((1, x_PD.shape[1]), dt)])[src]
-    gs = layout.group_sizes_E[:e_loc]  # rows past the real experts' groups (the sentinel's) multiply nothing
-    h = checkpoint_name(jax.nn.silu(grouped_matmul(xs_PD, w_gate_EDF.astype(dt), gs, tile))
-                        * grouped_matmul(xs_PD, w_up_EDF.astype(dt), gs, tile), "swiglu")
-    y = grouped_matmul(h, w_down_EFD.astype(dt), gs, tile)
-    return y[layout.dest_TK[:, 0]]
+def experts_split(mesh=None) -> bool:
+    """Whether `mesh` (default: the one set by jax.set_mesh) splits the routed experts: an 'ep' axis of size > 1."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("ep", 1) > 1
 
 
 def moe_expert_parallel(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: ModelConfig,
-                        mesh=None, tile: int | None = None):
+                        mesh=None, tile: int | None = None, fp8: bool = False):
     """Routed-expert output [B, T, D], global expert counts [E] and the balance term (mean over all sequences)
     with the experts split over mesh axis 'ep' and the batch over ('dp', 'ep'); same values as the
-    single-device MoE.routed path. `mesh` defaults to the one set by jax.set_mesh."""
+    single-device MoE path. `mesh` defaults to the one set by jax.set_mesh."""
+    if fp8:
+        raise ValueError("precision fp8 is not implemented under expert parallelism (a mesh with ep > 1): "
+                         "the expert-parallel MoE runs its grouped GEMMs in the compute dtype; use "
+                         "--precision bf16 with ep > 1, or fp8 with dp/pp only")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     ep = sizes.get("ep", 1)
@@ -87,9 +85,8 @@ def moe_expert_parallel(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_E
             (routing.experts_TK % e_loc).reshape(-1))
         recv_RCD = jax.lax.all_to_all(send_RCD, "ep", 0, 0)
         recv_RC = jax.lax.all_to_all(send_RC, "ep", 0, 0)
-        t_ = default_tile(ep * cap, e_loc) if tile is None else tile
-        y_PD = _local_experts(recv_RCD.reshape(ep * cap, d), recv_RC.reshape(-1), w_gate_EDF, w_up_EDF,
-                              w_down_EFD, t_)
+        local = Routing(jnp.ones((ep * cap, 1), jnp.float32), recv_RC.reshape(ep * cap, 1), None)
+        y_PD, _ = routed_experts(recv_RCD.reshape(ep * cap, d), local, w_gate_EDF, w_up_EDF, w_down_EFD, tile)
         back_RCD = jax.lax.all_to_all(y_PD.reshape(ep, cap, d), "ep", 0, 0)
         y_TKD = back_RCD[dest_N, slot_N].reshape(n, k, d)
         out_TD = jnp.einsum("tk,tkd->td", routing.weights_TK, y_TKD.astype(jnp.float32)).astype(x_TD.dtype)
@@ -106,4 +103,4 @@ def moe_expert_parallel(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_E
                        # the grouped matmul's custom backward scans with an unannotated carry
                        check_vma=False)
     bias_arg = bias_E if has_bias else jnp.zeros((e,), jnp.float32)
-    return fn(x_BTD, router_DE, bias_arg, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return fn(constrain(x_BTD, ("batch", "seq", "embed")), router_DE, bias_arg, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -17,7 +17,7 @@ from dsv3_jax.cli import build_parser
 from dsv3_jax.config import TINY
 from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
 from dsv3_jax.losses import cross_entropy
-from dsv3_jax.model.moe import Routing, routed_experts
+from dsv3_jax.model.experts import Routing, routed_experts
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.precision import Precision
 from dsv3_jax.train.step import Batch, StepConfig, batch_loss_terms, init_state, make_train_step, split_model
@@ -183,7 +183,7 @@ def experts_case():
 
     @jax.jit
     def fwd_bwd(x, wg, wu, wd, g):
-        y, vjp = jax.vjp(lambda *a: routed_experts(*a[:1], routing, *a[1:], fp8=True), x, wg, wu, wd)
+        y, vjp = jax.vjp(lambda *a: routed_experts(*a[:1], routing, *a[1:], fp8=True)[0], x, wg, wu, wd)
         return (y, *vjp(g))
 
     return dict(x=x, wg=wg, wu=wu, wd=wd, experts=experts, weights=_np(weights), g=g, fp8=fwd_bwd(x, wg, wu, wd, g))

@@ -1,5 +1,6 @@
-"""Tests for pallas_kernels/dispatch.py: contiguous-layout token dispatch and combine (reference §5.2), the Pallas
-gathers in interpret mode and the jnp references, against a NumPy restatement of the layout."""
+"""MoE dispatch and combine in the contiguous layout (reference §5.2): model/experts.py's entry points over the
+Pallas gathers of pallas_kernels/dispatch.py (interpret mode) and their jnp references, against a NumPy
+restatement of the layout."""
 
 import re
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import buffer_rows, combine, dispatch
+from dsv3_jax.model.experts import buffer_rows, combine, dispatch
 
 IMPLS = ["pallas", "ref"]
 MODE = {"pallas": {"impl": "pallas", "interpret": True}, "ref": {"impl": "ref"}}  # kernel: interpret mode
@@ -53,8 +54,8 @@ def test_dispatch_places_every_pair(routed, impl):
     assert x_PD.shape == (P, D) and buffer_rows(T * K, E, ALIGN) == P
     rows = _layout_np(experts, E, ALIGN)
     np.testing.assert_array_equal(np.asarray(layout.row_TK), rows)
-    np.testing.assert_array_equal(np.asarray(layout.group_sizes_E), np.bincount(experts.ravel(), minlength=E))
-    x_PD, m, pair = np.asarray(x_PD), np.asarray(layout.m_indices_P), np.asarray(layout.pair_P)
+    np.testing.assert_array_equal(np.asarray(layout.counts_E), np.bincount(experts.ravel(), minlength=E))
+    x_PD, m, src = np.asarray(x_PD), np.asarray(layout.expert_P), np.asarray(layout.src_P)
     real = np.zeros(P, bool)
     real[rows.ravel()] = True
     assert real.sum() == T * K  # distinct rows: nothing overwritten, nothing dropped
@@ -62,8 +63,8 @@ def test_dispatch_places_every_pair(routed, impl):
         for k in range(K):
             np.testing.assert_array_equal(x_PD[rows[t, k]], x[t])
             assert m[rows[t, k]] == experts[t, k]
-            assert pair[rows[t, k]] == t * K + k
-    assert np.all(x_PD[~real] == 0) and np.all(m[~real] == -1) and np.all(pair[~real] == -1)
+            assert src[rows[t, k]] == t
+    assert np.all(x_PD[~real] == 0) and np.all(m[~real] == -1) and np.all(src[~real] == -1)
     # Every ALIGN-row block holds one expert (plus padding): what the grouped GEMM needs.
     blocks = m.reshape(-1, ALIGN)
     assert all(len(set(b[b >= 0])) <= 1 for b in blocks)
@@ -96,8 +97,8 @@ def test_all_tokens_to_one_expert_drops_nothing(impl):
     experts = np.full((T, K), E - 1, np.int32)
     x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), E, **MODE[impl])
     assert x_PD.shape[0] == buffer_rows(T * K, E, 128) == 768
-    np.testing.assert_array_equal(np.asarray(layout.group_sizes_E), [0] * (E - 1) + [T * K])
-    m = np.asarray(layout.m_indices_P)
+    np.testing.assert_array_equal(np.asarray(layout.counts_E), [0] * (E - 1) + [T * K])
+    m = np.asarray(layout.expert_P)
     np.testing.assert_array_equal(m[: T * K], E - 1)
     assert np.all(m[T * K:] == -1)
     y = combine(x_PD, layout, jnp.ones((T, K), jnp.float32), **MODE[impl])
@@ -117,7 +118,7 @@ def test_out_of_range_expert_ids_get_no_row(impl):
     rows = np.asarray(layout.row_TK)
     assert np.all(rows[~kept] == -1)
     np.testing.assert_array_equal(rows, np.where(kept, _layout_np(experts, E, ALIGN), -1))
-    assert np.sum(np.asarray(layout.m_indices_P) >= 0) == kept.sum()
+    assert np.sum(np.asarray(layout.expert_P) >= 0) == kept.sum()
     y = combine(x_PD, layout, jnp.asarray(weights), **MODE[impl])
     np.testing.assert_allclose(np.asarray(y), _combine_np(x, weights * kept), rtol=1e-6, atol=1e-6)
 

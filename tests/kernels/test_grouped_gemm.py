@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
-from pallas_kernels import combine, dispatch, fp8_grouped_gemm, grouped_gemm
+from dsv3_jax.model.experts import combine, dispatch
+from pallas_kernels import fp8_grouped_gemm, grouped_gemm
 
 IMPLS = ["pallas", "ref"]
 MODE = {"pallas": {"impl": "pallas", "interpret": True}, "ref": {"impl": "ref"}}  # kernel: interpret mode
@@ -86,7 +87,7 @@ def test_moe_layer_dispatch_grouped_gemm_combine(impl):
     experts = np.stack([rng.permutation(G)[:topk] for _ in range(T)]).astype(np.int32)
     weights = rng.random((T, topk)).astype(np.float32)
     x_PD, layout = dispatch(jnp.asarray(x), jnp.asarray(experts), G, align=128, **MODE[impl])
-    y_PF = grouped_gemm(x_PD, jnp.asarray(w), layout.m_indices_P, jnp.float32, **MODE[impl])
+    y_PF = grouped_gemm(x_PD, jnp.asarray(w), layout.expert_P, jnp.float32, **MODE[impl])
     y = np.asarray(combine(y_PF, layout, jnp.asarray(weights), **MODE[impl]))
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     expected = sum(weights[:, k, None] * np.einsum("td,tfd->tf", x64, w64[experts[:, k]]) for k in range(topk))

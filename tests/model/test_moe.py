@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.moe import MoE, dispatch_layout, grouped_matmul
+from dsv3_jax.model.experts import expert_layout, grouped_matmul
+from dsv3_jax.model.moe import MoE
 
 CFG = ModelConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=1,
                   num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5, initializer_range=0.3)
@@ -53,7 +54,7 @@ def _params(moe):
 
 @pytest.mark.parametrize("tile", [0, 1, 4, 64])  # 0: ragged_dot
 def test_moe_equals_per_token_loop(tile, monkeypatch):
-    monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda *_: tile)
+    monkeypatch.setattr("dsv3_jax.model.experts.default_tile", lambda *_: tile)
     moe = MoE(CFG, jnp.float32, nnx.Rngs(0))
     moe.expert_bias[...] = jnp.asarray(np.random.default_rng(1).uniform(-0.1, 0.1, CFG.n_routed_experts), jnp.float32)
     x = jax.random.normal(jax.random.key(2), (2, 7, CFG.hidden_size))
@@ -65,7 +66,7 @@ def test_moe_equals_per_token_loop(tile, monkeypatch):
 
 @pytest.mark.parametrize("tile", [0, 1, 64])
 def test_dropless_when_every_token_prefers_one_expert(tile, monkeypatch):
-    monkeypatch.setattr("dsv3_jax.model.moe.default_tile", lambda *_: tile)
+    monkeypatch.setattr("dsv3_jax.model.experts.default_tile", lambda *_: tile)
     cfg = CFG.replace(n_group=1, topk_group=1, num_experts_per_tok=2)
     moe = MoE(cfg, jnp.float32, nnx.Rngs(0))
     bias = np.zeros(cfg.n_routed_experts, np.float32)
@@ -85,20 +86,20 @@ def test_grouped_matmul_equals_per_group_loop(tile):
     rng = np.random.default_rng(0)
     e, d, f = 5, 6, 4
     experts = np.array([[3, 0], [3, 1], [4, 3], [0, 3], [3, 4], [1, 0]])  # expert 2 gets nothing
-    layout = dispatch_layout(jnp.asarray(experts), e, tile)
-    dest = np.asarray(layout.dest_TK)
+    layout = expert_layout(jnp.asarray(experts), e, tile)
+    dest = np.asarray(layout.row_TK)
     assert len(set(dest.ravel())) == dest.size and dest.max() < layout.rows  # a distinct row for every pair
     np.testing.assert_array_equal(np.asarray(layout.counts_E), np.bincount(experts.ravel(), minlength=e))
     x = rng.standard_normal((layout.rows, d)).astype(np.float32)
     w = rng.standard_normal((e, d, f)).astype(np.float32)
-    out = np.asarray(grouped_matmul(jnp.asarray(x), jnp.asarray(w), layout.group_sizes_E, tile))
+    out = np.asarray(grouped_matmul(jnp.asarray(x), jnp.asarray(w), layout.padded_E, tile))
     start = 0
-    for g, size in enumerate(np.asarray(layout.group_sizes_E)):
+    for g, size in enumerate(np.asarray(layout.padded_E)):
         np.testing.assert_allclose(out[start:start + size], x[start:start + size] @ w[g], rtol=1e-5, atol=1e-5)
         start += size
     np.testing.assert_array_equal(out[start:], 0.0)  # rows past the groups
     # every pair of expert e sits inside e's segment
-    bounds = np.concatenate([[0], np.cumsum(np.asarray(layout.group_sizes_E))])
+    bounds = np.concatenate([[0], np.cumsum(np.asarray(layout.padded_E))])
     for (t, k), row in np.ndenumerate(dest):
         ex = experts[t, k]
         assert bounds[ex] <= row < bounds[ex + 1]
@@ -125,11 +126,11 @@ def test_grouped_matmul_gradients_match_autodiff_of_plain_products(tile):
     rng = np.random.default_rng(1)
     e, d, f = 4, 5, 3
     experts = rng.integers(0, e, (9, 2))
-    layout = dispatch_layout(jnp.asarray(experts), e, tile)
+    layout = expert_layout(jnp.asarray(experts), e, tile)
     x = jnp.asarray(rng.standard_normal((layout.rows, d)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((e, d, f)), jnp.float32)
     r = jnp.asarray(rng.standard_normal((layout.rows, f)), jnp.float32)
-    sizes = np.asarray(layout.group_sizes_E)
+    sizes = np.asarray(layout.padded_E)
     owner = np.repeat(np.arange(e), sizes)  # the expert of every buffer row inside the groups
     owner = np.concatenate([owner, np.full(layout.rows - owner.size, -1)])
 
@@ -138,7 +139,7 @@ def test_grouped_matmul_gradients_match_autodiff_of_plain_products(tile):
         return jnp.sum(jnp.stack(rows) * r)
 
     def tiled(x, w):
-        return jnp.sum(grouped_matmul(x, w, layout.group_sizes_E, tile) * r)
+        return jnp.sum(grouped_matmul(x, w, layout.padded_E, tile) * r)
 
     gx, gw = jax.grad(tiled, argnums=(0, 1))(x, w)
     px, pw = jax.grad(plain, argnums=(0, 1))(x, w)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.moe import route
+from dsv3_jax.model.experts import route
 
 E = 8
 

@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from dsv3_jax.cli import main
 from dsv3_jax.config import TINY
-from dsv3_jax.model.moe import route
+from dsv3_jax.model.experts import route
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.loop import RunArgs, train
 from dsv3_jax.train.optim import make_optimizer
