@@ -1,5 +1,6 @@
-"""The `dsv3` command line: `dsv3 info` (parameter and cache accounting of a config), `train`, `generate`, `eval`,
-`grpo`, `plot` and `plan` (the analytic parallel-training planner of sharding/planner.py)."""
+"""The `dsv3` command line: `dsv3 info` (parameter and cache accounting of a config), `train`, `sft`,
+`distill-data`, `grpo`, `generate`, `eval`, `plot` and `plan` (the analytic parallel-training planner of
+sharding/planner.py)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
                   prompt=args.prompt,
                   sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh,
-                  pipeline=args.pipeline, microbatches=args.microbatches)
+                  pipeline=args.pipeline, microbatches=args.microbatches, init=args.init,
+                  yarn_factor=args.yarn_factor, yarn_original_len=args.yarn_original_len)
     try:
         summary = train(run)
     except TrainingInterrupted:
@@ -70,6 +72,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     if first is not None and last is not None:
         print(f"dsv3 train: steps {summary['steps_done']}, loss {first:.4f} -> {last:.4f} "
               f"({(first - last) / first:.1%} lower); metrics in {summary['workdir']}/metrics.jsonl")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from dsv3_jax.posttrain.sft import SFTArgs, default_report, sft
+    from dsv3_jax.train.loop import TrainingInterrupted
+
+    run = SFTArgs(workdir=args.workdir, init=args.init, data=args.data, steps=args.steps, epochs=args.epochs,
+                  batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len, seed=args.seed, lr=args.lr,
+                  min_lr=args.min_lr, warmup=args.warmup, precision=args.precision, remat=args.remat,
+                  truncate=args.truncate, resize_vocab=args.resize_vocab, gamma=args.gamma, mtp_weight=args.mtp_weight, teacher=args.teacher,
+                  distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+                  resume=args.resume, stop_at=args.stop_at, save_every=args.save_every, keep=args.keep,
+                  spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
+                  progress=not args.no_progress, mesh=args.mesh)
+    try:
+        summary = sft(run)
+    except TrainingInterrupted:
+        print("dsv3 sft: interrupted; checkpoint saved, continue with --resume", file=sys.stderr)
+        return 130
+    if summary["first_loss"] is not None:
+        print(default_report(summary))
+    return 0
+
+
+def cmd_distill_data(args: argparse.Namespace) -> int:
+    from dsv3_jax.posttrain.distill import distill_data
+
+    r = distill_data(args.teacher, args.prompts, args.out, samples=args.samples, temperature=args.temperature,
+                     max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed, top_p=args.top_p)
+    print(f"dsv3 distill-data: {r['written']} answers to {r['prompts']} prompts in {r['out']} "
+          f"({r['truncated']} hit --max-new-tokens without <|eos|>, marked \"truncated\")")
     return 0
 
 
@@ -226,7 +260,64 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pipeline", choices=PIPELINE_SCHEDULES, help="pipeline schedule over the mesh's pp axis (required "
                                                           "when pp > 1)")
     tr.add_argument("--microbatches", type=int, help="pipeline micro-batches per --micro-batch (default 2 * pp)")
+    tr.add_argument("--init", help="continue pretraining from this work directory or released-format checkpoint "
+                                   "(its config and tokenizer; paper §4.3 recipe: constant LR = the run's peak x "
+                                   "7.3e-6/2.2e-4 unless --lr, fixed batch, MTP weight 0.1, bias speed 0)")
+    tr.add_argument("--yarn-factor", type=float, help="with --init: context extension, rope switched to YaRN with "
+                                                      "this scale factor (beta 32/1, mscale 1)")
+    tr.add_argument("--yarn-original-len", type=int, help="YaRN's original length (default: the --init run's "
+                                                          "--seq-len)")
     tr.set_defaults(func=cmd_train)
+
+    st = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (paper §5.1), optionally distilling a "
+                                    "teacher's logits")
+    st.add_argument("--init", required=True, help="a dsv3 train/sft work directory or a released-format checkpoint "
+                                                  "(config.json + safetensors + tokenizer.json)")
+    st.add_argument("--data", nargs="+", required=True, help='chat JSONL files: {"messages": [{"role", "content"}]}')
+    st.add_argument("--workdir", default="runs/sft")
+    length = st.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: --epochs)")
+    length.add_argument("--epochs", type=float, help="passes over the packed rows (default 2, the paper's)")
+    st.add_argument("--batch", type=int, default=16, help="packed rows per step")
+    st.add_argument("--micro-batch", type=int, help="rows per gradient-accumulation micro-batch")
+    st.add_argument("--seq-len", type=int, default=128, help="row length (rows hold seq-len + 1 tokens)")
+    st.add_argument("--seed", type=int, default=0, help="conversation shuffle and per-epoch row order")
+    st.add_argument("--lr", type=float, default=5e-6, help="peak LR of the cosine (paper: 5e-6)")
+    st.add_argument("--min-lr", type=float, default=1e-6, help="LR at the last step (paper: 1e-6)")
+    st.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine")
+    st.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"])
+    st.add_argument("--remat", default="none", choices=["none", "paper", "full"])
+    st.add_argument("--truncate", action="store_true", help="cut conversations longer than a row (counted) instead "
+                                                            "of failing")
+    st.add_argument("--resize-vocab", action="store_true", help="grow the embedding and head (new rows: the mean) "
+                                                                "when the role tokens need ids past vocab_size")
+    st.add_argument("--gamma", type=float, default=0.0, help="expert-bias update speed (default 0: frozen)")
+    st.add_argument("--mtp-weight", type=float, default=0.1, help="MTP loss weight (0 turns the term off)")
+    st.add_argument("--teacher", help="logit distillation: a checkpoint with the same vocabulary")
+    st.add_argument("--distill-weight", type=float, default=0.0, help="w in (1-w) CE + w tau^2 KL(teacher||student)")
+    st.add_argument("--distill-temperature", type=float, default=1.0, help="tau")
+    st.add_argument("--resume", action="store_true")
+    st.add_argument("--stop-at", type=int)
+    st.add_argument("--save-every", type=int, default=100)
+    st.add_argument("--keep", type=int, default=3)
+    st.add_argument("--spike-factor", type=float, default=3.0)
+    st.add_argument("--spike-warmup", type=int, default=20)
+    st.add_argument("--max-spikes", type=int, default=3)
+    st.add_argument("--no-progress", action="store_true")
+    st.add_argument("--mesh", help="device mesh as for train (dp, ep, tp; sft has no --pipeline)")
+    st.set_defaults(func=cmd_sft)
+
+    dd = sub.add_parser("distill-data", help="a teacher's sampled answers to prompts, as chat JSONL for dsv3 sft")
+    dd.add_argument("--teacher", required=True, help="work directory or released-format checkpoint")
+    dd.add_argument("--prompts", required=True, help='JSONL: {"prompt": ...} or {"messages": [... user turn]}')
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--samples", type=int, default=1, help="answers per prompt")
+    dd.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    dd.add_argument("--top-p", type=float)
+    dd.add_argument("--max-new-tokens", type=int, default=256)
+    dd.add_argument("--batch", type=int, default=8, help="sequences generated together")
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(func=cmd_distill_data)
 
     gen = sub.add_parser("generate", help="generate text from a released-format checkpoint or a training workdir")
     gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors + "

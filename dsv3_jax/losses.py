@@ -110,3 +110,18 @@ def sequence_balance_terms(scores_BTE: jax.Array, experts_BTK: jax.Array) -> jax
 def sequence_balance_loss(scores_BTE: jax.Array, experts_BTK: jax.Array, alpha: float = 1e-4) -> jax.Array:
     """L_Bal = alpha * sum_i f_i P_i, averaged over the sequences of the batch."""
     return alpha * jnp.mean(sequence_balance_terms(scores_BTE, experts_BTK))
+
+
+def distill_kl(student_logits_BTV: jax.Array, teacher_logits_BTV: jax.Array, mask_BT: jax.Array | None = None,
+               temperature: float | jax.Array = 1.0) -> jax.Array:
+    """KL(teacher || student) of the temperature-softened distributions, per position, mask-weighted mean (float32;
+    0 when the mask is all zero). The teacher gets no gradient. Logit distillation scales it by temperature^2."""
+    t = jnp.asarray(temperature, jnp.float32)
+    log_s = jax.nn.log_softmax(student_logits_BTV.astype(jnp.float32) / t, axis=-1)
+    log_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits_BTV).astype(jnp.float32) / t, axis=-1)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+    if mask_BT is None:
+        return jnp.mean(kl)
+    w = mask_BT.astype(jnp.float32)
+    total = jnp.sum(w)
+    return jnp.sum(jnp.where(w != 0, kl * w, 0.0)) / jnp.where(total != 0, total, 1.0)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,8 @@ from dsv3_jax.precision import Precision
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
-from dsv3_jax.train.optim import (batch_size_schedule, bias_update_speed_schedule, lr_schedule, make_optimizer,
+from dsv3_jax.train.optim import (PAPER_FINAL_LR, PAPER_MTP_WEIGHT_LATE, PAPER_PEAK_LR, batch_size_schedule,
+                                  bias_update_speed_schedule, constant_schedule, lr_schedule, make_optimizer,
                                   mtp_weight_schedule)
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
 from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
@@ -72,6 +72,9 @@ class RunArgs:
     zero: str = "zero1"  # "zero1": optimizer moments split over the data axes; "fsdp": parameters too
     pipeline: str | None = None  # schedule over the mesh's pp axis (sharding/pipeline.py SCHEDULES); needs pp > 1
     microbatches: int | None = None  # pipeline micro-batches per --micro-batch (default 2 * pp)
+    init: str | None = None  # continue pretraining from this work directory / released checkpoint's weights
+    yarn_factor: float | None = None  # with init: switch the rope to YaRN with this scale factor (paper §4.3)
+    yarn_original_len: int | None = None  # YaRN's original length (default: the init run's --seq-len)
 
 
 class TrainingInterrupted(Exception):
@@ -181,7 +184,8 @@ def _model_config(args: RunArgs) -> tuple[ModelConfig, str]:
     return get_preset(args.preset), args.preset
 
 
-def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, saved_tokenizer: str | None):
+def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, saved_tokenizer: str | None,
+                          new_tokenizer_ok: bool = True):
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
@@ -189,6 +193,9 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
     has_text = any(inp.kind in data_lib.TEXT_KINDS for inp in resolved)
     if saved_tokenizer is not None:
         tokenizer = data_lib.Tokenizer.from_json(saved_tokenizer)
+    elif has_text and not new_tokenizer_ok:
+        raise ValueError(f"--init {args.init}: the checkpoint has no tokenizer, so --data must be pre-tokenized "
+                         "(.bin/.npy) token ids of its vocabulary")
     elif has_text:
         tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
     else:
@@ -249,94 +256,147 @@ def unflat_state(flat: dict[str, Any], like):
     return jax.tree_util.tree_unflatten(treedef, [flat[".".join(_key_name(e) for e in p)] for p, _ in paths])
 
 
-def train(args: RunArgs) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns a summary dict. Under several processes (sharding.mesh.
-    initialize_distributed's environment) every process runs it; process 0 writes the logs."""
-    _validate(args)
-    initialize_distributed()
-    main_process = jax.process_index() == 0
-    workdir = pathlib.Path(args.workdir)
+class BatchSource(Protocol):
+    """What the loop draws its data from: `batch(position, size) -> (rows, new_position)`, rows an int32 array
+    [size, S] or a step.Batch of such arrays; `position` (an int) is saved with every checkpoint, so a resumed run
+    continues with the very same rows."""
+
+    def batch(self, position: int, size: int) -> tuple[Any, int]: ...
+
+
+@dataclasses.dataclass
+class Session:
+    """A run's set-up: its work directory and checkpointer, device mesh, model graph, optimizer and train state
+    (fresh, from `init`, or restored with --resume), the step and data position it starts at."""
+
+    workdir: pathlib.Path
+    ckpt: Checkpointer
+    mesh: Any
+    shardings: Any
+    graphdef: Any
+    optimizer: Any
+    state: Any
+    start: int = 0
+    position: int = 0
+    meta: dict | None = None  # the restored checkpoint's metadata (None for a fresh run)
+    main_process: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """How the shared step loop runs: last step, batch shape, schedules, saving and the spike guard."""
+
+    stop: int
+    batch: int
+    micro: int
+    seq_len: int
+    lr: Callable
+    batch_size: Callable
+    mtp: Callable
+    gamma: Callable
+    save_every: int = 100
+    max_spikes: int = 3
+    progress: bool = True
+    flops_per_token: float = 0.0
+    peak_flops: float = 1.0
+
+
+def open_workdir(workdir: str | os.PathLike, resume: bool, keep: int) -> tuple[pathlib.Path, Checkpointer]:
+    """The work directory and its Checkpointer; ValueError/FileNotFoundError when --resume and the directory's
+    checkpoints disagree. Points the persistent compilation cache into it (a resumed run reuses the step)."""
+    workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     # Several CPU processes save synchronously: gloo deadlocks when the background save's device work and the
     # next step's collectives are in flight together.
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=args.keep,
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=keep,
                         async_save=jax.process_count() == 1 or jax.default_backend() != "cpu")
     existing = ckpt.latest_step()
-    if existing is not None and not args.resume:
+    if existing is not None and not resume:
+        ckpt.close()
         raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {existing}); pass --resume to continue "
                          "the run, or choose another --workdir")
-    if args.resume and existing is None:
+    if resume and existing is None:
+        ckpt.close()
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
     workdir.mkdir(parents=True, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # a resumed run reuses the compiled step
         jax.config.update("jax_compilation_cache_dir", str(workdir / "cache" / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return workdir, ckpt
 
-    cfg, model_name = _model_config(args)
-    data_lib.check_seq_len(args.seq_len, cfg)
-    precision = Precision.named(args.precision)
-    peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
-    micro = args.micro_batch or args.batch
-    schedule = _validate_pipeline(args)
-    if schedule is not None:
-        try:
-            check_stage_split(cfg, schedule.num_stages)
-        except ValueError as e:
-            raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
 
+def _initial_params(cfg: ModelConfig, precision: Precision, seed: int, init):
+    """(graphdef, params, bias): a fresh model's, or `init`'s (params, bias) checked against the config's shapes
+    and cast to its dtypes."""
+    if init is None:
+        return split_model(Transformer(cfg, nnx.Rngs(seed), precision))
+    graphdef, like_params, like_bias = split_model(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed),
+                                                                                      precision)))
+    init_params, init_bias = init
+    out = []
+    for name, like, given in (("parameters", like_params, init_params), ("expert bias", like_bias, init_bias)):
+        want, have = flat_state(like), flat_state(given)
+        if want.keys() != have.keys():
+            diff = sorted(set(want) ^ set(have))[:5]
+            raise ValueError(f"--init: the initial {name} do not match the model config (differing names: {diff})")
+        for k, w in want.items():
+            if tuple(w.shape) != tuple(np.shape(have[k])):
+                raise ValueError(f"--init: {name} {k} has shape {tuple(np.shape(have[k]))}, the config wants "
+                                 f"{tuple(w.shape)}")
+        out.append(unflat_state({k: jnp.asarray(have[k], want[k].dtype) for k in want}, like))
+    return graphdef, out[0], out[1]
+
+
+def build_session(workdir: pathlib.Path, ckpt: Checkpointer, cfg: ModelConfig, precision: Precision, *, seed: int,
+                  lr: Callable, mesh_spec: str | None, micro: int, zero: str, resume: bool, init=None) -> Session:
+    """Mesh, model and train state (fresh or from `init` = (params, bias)), restored from the newest checkpoint
+    with `resume` (whose model config must equal `cfg`)."""
+    main_process = jax.process_index() == 0
     # One device keeps the plain jit step; several (or an explicit --mesh) run over a mesh.
-    mesh = None if args.mesh is None and jax.device_count() == 1 else build_mesh(args.mesh, cfg, batch=micro)
-
-    model = Transformer(cfg, nnx.Rngs(args.seed), precision)
-    graphdef, params, bias = split_model(model)
-    optimizer = make_optimizer(params, peak_lr, args.steps)
+    mesh = None if mesh_spec is None and jax.device_count() == 1 else build_mesh(mesh_spec, cfg, batch=micro)
+    graphdef, params, bias = _initial_params(cfg, precision, seed, init)
+    optimizer = make_optimizer(params, 0.0, 1, schedule=lr)
     state = init_state(params, bias, optimizer)
     if mesh is None:
         # committed to one device like restored arrays, so a restore does not trigger a recompile
         state, shardings = jax.device_put(state, jax.devices()[0]), None
     else:
-        shardings = train_state_shardings(state, mesh, args.zero)
+        shardings = train_state_shardings(state, mesh, zero)
         state = _place(state, shardings)
-    del model, params, bias
-
-    start, position, saved_tokenizer = 0, 0, None
-    if args.resume:
-        start, restored, meta = ckpt.restore(flat_state(_abstract(state)))
-        state = unflat_state(restored, state)
-        position, saved_tokenizer = meta["position"], meta.get("tokenizer")
+    del params, bias
+    session = Session(workdir, ckpt, mesh, shardings, graphdef, optimizer, state, main_process=main_process)
+    if resume:
+        session.start, restored, meta = ckpt.restore(flat_state(_abstract(state)))
+        session.state = unflat_state(restored, state)
+        session.position, session.meta = meta["position"], meta
         if meta.get("model_config") != cfg.to_hf():
-            raise ValueError(f"--resume: the checkpoint in {ckpt_dir} was trained with a different model config")
-    if not main_process:
-        _barrier("dsv3_data_ready")  # process 0 builds the tokenizer and token caches first
-    tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer)
-    if main_process:
-        _barrier("dsv3_data_ready")
-    batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
-    stop = args.stop_at or args.steps
+            raise ValueError(f"--resume: the checkpoint in {ckpt.directory} was trained with a different model config")
+    return session
 
-    schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
-                     mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
-    step_fn = make_train_step(graphdef, optimizer,
-                              StepConfig(remat=args.remat, spike_factor=args.spike_factor,
-                                         spike_warmup=args.spike_warmup), mesh, shardings, schedule)
-    window_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, batch_spec(3, batch_dim=1))
-    flops_per_token = training_flops_per_token(cfg, args.seq_len)
-    peak_flops = measure_peak_flops(dtype=precision.compute_dtype)
-    log = _Log(workdir, start, enabled=main_process)
-    mesh_note = "" if mesh is None else ", mesh " + ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
-    if schedule is not None:
-        mesh_note += f", pipeline {args.pipeline} x {schedule.microbatches} micro-batches"
-    print(f"dsv3 train: {model_name}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, corpus "
-          f"{len(tokens):,} tokens, lr {peak_lr:g}, precision {args.precision}, workdir {workdir}"
-          + mesh_note + (f", resuming at step {start}" if start else ""))
-    if micro == args.batch:
-        print("  batch-size ramp inactive: it grows the number of accumulated micro-batches, so it needs "
-              "--micro-batch smaller than --batch")
 
-    def meta_for(step: int) -> dict:
-        return {"step": step, "position": position, "model_config": cfg.to_hf(), "run_args": dataclasses.asdict(args),
-                "tokenizer": None if tokenizer is None else tokenizer.to_json()}
+def _put_rows(rows, spec: LoopSpec, size: int, sharding):
+    """Host rows [size, S] (an array or a Batch of arrays) as [K, M, S] device arrays (global with a mesh)."""
 
+    def put(a):
+        a = np.asarray(a).reshape(size // spec.micro, spec.micro, -1)
+        if sharding is None:
+            return jnp.asarray(a)
+        # every process holds the whole global batch and hands over its devices' rows
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    return jax.tree.map(put, rows)
+
+
+def run_loop(session: Session, source: BatchSource, step_fn: Callable, spec: LoopSpec, meta_for: Callable[[int], dict],
+             metrics_extra: Callable[[Any], dict] | None = None) -> dict[str, Any]:
+    """The step loop shared by every run: draw rows, step, log metrics.jsonl, skip/restore on spikes, save every
+    spec.save_every steps and at spec.stop, save and raise TrainingInterrupted on Ctrl-C/SIGTERM. Returns
+    {"state", "first_loss", "last_loss"}; `meta_for(step)` is the checkpoint metadata (it may read
+    session.position)."""
+    ckpt, mesh = session.ckpt, session.mesh
+    state, start = session.state, session.start
+    row_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, batch_spec(3, batch_dim=1))
+    log = _Log(session.workdir, start, enabled=session.main_process)
     interrupted = []
 
     def on_sigint(signum, frame):
@@ -346,27 +406,24 @@ def train(args: RunArgs) -> dict[str, Any]:
     consecutive_skips, step, last_loss, first_loss = 0, start, None, None
     try:
         t_last = time.perf_counter()
-        for step in range(start, stop):
-            bsz = max(micro, int(schedules["batch"](step)) // micro * micro)
-            windows, new_position = batches.batch(position, bsz)
-            windows = windows.reshape(bsz // micro, micro, args.seq_len + 1)
-            if mesh is None:
-                windows = jnp.asarray(windows)
-            else:  # every process holds the whole global batch and hands over its devices' rows
-                windows = jax.make_array_from_callback(windows.shape, window_sharding, lambda idx: windows[idx])
-            state, m = step_fn(state, windows, float(schedules["mtp"](step)),
-                               float(schedules["gamma"](step)))
+        for step in range(start, spec.stop):
+            bsz = max(spec.micro, int(spec.batch_size(step)) // spec.micro * spec.micro)
+            rows, new_position = source.batch(session.position, bsz)
+            rows = _put_rows(rows, spec, bsz, row_sharding)
+            state, m = step_fn(state, rows, float(spec.mtp(step)), float(spec.gamma(step)))
             m = jax.device_get(m)
-            position = new_position
+            session.position = new_position
             now = time.perf_counter()
             dt, t_last = now - t_last, now
-            tokens_per_s = bsz * args.seq_len / dt
+            tokens_per_s = bsz * spec.seq_len / dt
             row = {"step": step + 1, "loss": float(m.loss), "ce": float(m.ce), "mtp_loss": float(m.mtp_loss),
                    "balance_loss": float(m.balance_loss), "grad_norm": float(m.grad_norm),
-                   "lr": float(schedules["lr"](step)), "batch": bsz, "tokens_per_s": tokens_per_s,
-                   "mfu": tokens_per_s * flops_per_token / peak_flops, "max_vio": float(m.max_vio),
-                   "mtp_weight": float(schedules["mtp"](step)), "gamma": float(schedules["gamma"](step)),
+                   "lr": float(spec.lr(step)), "batch": bsz, "tokens_per_s": tokens_per_s,
+                   "mfu": tokens_per_s * spec.flops_per_token / spec.peak_flops, "max_vio": float(m.max_vio),
+                   "mtp_weight": float(spec.mtp(step)), "gamma": float(spec.gamma(step)),
                    "skipped": bool(m.skipped), "step_time": dt}
+            if metrics_extra is not None:
+                row.update(metrics_extra(m))
             log.metric(row)
             first_loss = row["ce"] if first_loss is None else first_loss
             last_loss = row["ce"]
@@ -374,7 +431,7 @@ def train(args: RunArgs) -> dict[str, Any]:
                 consecutive_skips += 1
                 log.event(step + 1, "skipped_update", loss=row["loss"], grad_norm=row["grad_norm"],
                           nonfinite=bool(m.nonfinite))
-                if consecutive_skips >= args.max_spikes and ckpt.latest_step() is not None:
+                if consecutive_skips >= spec.max_spikes and ckpt.latest_step() is not None:
                     restored_step, restored, _ = ckpt.restore(flat_state(_abstract(state)))
                     state = unflat_state(restored, state)
                     log.event(step + 1, "restored_checkpoint", from_step=restored_step,
@@ -382,10 +439,10 @@ def train(args: RunArgs) -> dict[str, Any]:
                     consecutive_skips = 0
             else:
                 consecutive_skips = 0
-            if args.progress and main_process:
-                _progress(step + 1, stop, row)
+            if spec.progress and session.main_process:
+                _progress(step + 1, spec.stop, row)
             done = step + 1
-            if done % args.save_every == 0 or done == stop:
+            if done % spec.save_every == 0 or done == spec.stop:
                 ckpt.save(done, flat_state(state), meta_for(done))
             if interrupted:
                 raise TrainingInterrupted
@@ -401,17 +458,173 @@ def train(args: RunArgs) -> dict[str, Any]:
             signal.signal(sig, handler)
         ckpt.wait()
         log.close()
-        if args.progress and main_process:
+        if spec.progress and session.main_process:
             print(file=sys.stderr)
-    summary = {"steps_done": stop, "first_loss": first_loss, "last_loss": last_loss, "workdir": str(workdir)}
+    session.state = state
+    return {"state": state, "first_loss": first_loss, "last_loss": last_loss}
+
+
+def final_model(session: Session) -> Transformer:
+    """The session's trained model (parameters gathered onto one local device under a mesh)."""
+    state = session.state
+    params, bias = (state["params"], state["bias"]) if session.mesh is None else jax.device_put(
+        _to_host((state["params"], state["bias"])), jax.local_devices()[0])
+    return nnx.merge(session.graphdef, params, bias)
+
+
+def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int) -> str:
+    """`prompt` and up to n_new greedy tokens after it (inference.generate; stops at EOS)."""
+    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
+    n_new = min(n_new, model.config.max_position_embeddings - len(ids))
+    if n_new <= 0:
+        return prompt
+    eos = tokenizer.eos_id
+    out = model.generate(np.asarray([ids], np.int32), n_new, stop_tokens=[] if eos is None else [eos])
+    new = [int(t) for t in out[0, len(ids):]]
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    return prompt + tokenizer.decode(new)
+
+
+def _read_init(path: str):
+    """(model, tokenizer, run_args or None) of an --init work directory or released-format checkpoint."""
+    from dsv3_jax.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(path, tokenizer_required=False)
+    return model, tokenizer, workdir_run_args(path)
+
+
+def workdir_run_args(path: str | os.PathLike) -> dict | None:
+    """The run arguments saved with the newest checkpoint of a work directory (None for other directories)."""
+    ckpt_dir = pathlib.Path(path) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    for step in reversed(steps):
+        meta_path = ckpt_dir / str(step) / "meta" / "metadata"
+        if meta_path.is_file():
+            try:
+                return json.loads(meta_path.read_text())["run_args"]
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{meta_path}: cannot read the run arguments ({e})") from None
+    return None
+
+
+def _extension_config(args: RunArgs, cfg: ModelConfig, init_run: dict | None) -> ModelConfig:
+    """The --init model config with YaRN switched on (paper §4.3, reference §3.4) when --yarn-factor is given."""
+    if args.yarn_factor is None:
+        if args.yarn_original_len is not None:
+            raise ValueError("--yarn-original-len needs --yarn-factor")
+        return cfg
+    if not args.yarn_factor > 1:
+        raise ValueError(f"--yarn-factor must be > 1, got {args.yarn_factor}")
+    original = args.yarn_original_len
+    if original is None:
+        if init_run is None or not isinstance(init_run.get("seq_len"), int):
+            raise ValueError("--yarn-factor: pass --yarn-original-len (the --init checkpoint is not a work directory "
+                             "recording its training sequence length)")
+        original = init_run["seq_len"]
+    if not isinstance(original, int) or original <= 0:
+        raise ValueError(f"--yarn-original-len must be a positive integer, got {original!r}")
+    if args.seq_len > original * args.yarn_factor:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds --yarn-original-len {original} x --yarn-factor "
+                         f"{args.yarn_factor:g}")
+    return cfg.replace(rope_type="yarn", rope_factor=float(args.yarn_factor),
+                       rope_original_max_position_embeddings=original, rope_beta_fast=32.0, rope_beta_slow=1.0,
+                       rope_mscale=1.0, rope_mscale_all_dim=1.0,
+                       max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len))
+
+
+def train(args: RunArgs) -> dict[str, Any]:
+    """Run (or resume) a pretraining run, or with --init a continued-pretraining (context-extension) run from a
+    checkpoint's weights; returns a summary dict. Under several processes (sharding.mesh.initialize_distributed's
+    environment) every process runs it; process 0 writes the logs."""
+    _validate(args)
+    initialize_distributed()
+    init, init_tokenizer, init_run = None, None, None
+    if args.init is not None:
+        if args.config is not None:
+            raise ValueError("--init takes the model config from the checkpoint; drop --config")
+        init_model, init_tokenizer, init_run = _read_init(args.init)
+        cfg = _extension_config(args, init_model.config, init_run)
+        model_name = f"init {args.init}"
+        _, init_params, init_bias = split_model(init_model)
+        init = (init_params, init_bias)
+        del init_model
+    else:
+        if args.yarn_factor is not None or args.yarn_original_len is not None:
+            raise ValueError("--yarn-factor extends a trained run's context: it needs --init DIR")
+        cfg, model_name = _model_config(args)
+    workdir, ckpt = open_workdir(args.workdir, args.resume, args.keep)
+    data_lib.check_seq_len(args.seq_len, cfg)
+    precision = Precision.named(args.precision)
+    micro = args.micro_batch or args.batch
+    schedule = _validate_pipeline(args)
+    if schedule is not None:
+        try:
+            check_stage_split(cfg, schedule.num_stages)
+        except ValueError as e:
+            raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
+    if init is None:
+        peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
+        schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
+                         mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
+    else:  # paper §4.3: constant LR (the pretraining's final 7.3e-6, scaled), batch fixed, lambda 0.1, gamma 0
+        run_lr = (init_run or {}).get("lr") or DEFAULT_LR.get((init_run or {}).get("preset") or "", PAPER_PEAK_LR)
+        peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
+        schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
+                         mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
+    session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
+                            micro=micro, zero=args.zero, resume=args.resume, init=init)
+    mesh, main_process = session.mesh, session.main_process
+    saved_tokenizer = (session.meta or {}).get("tokenizer")
+    if saved_tokenizer is None and init_tokenizer is not None:
+        if not isinstance(init_tokenizer, data_lib.Tokenizer):
+            raise ValueError(f"--init {args.init}: its tokenizer.json is not in this project's layout (<|bos|> = 0, "
+                             "<|eos|> = 1); continued pretraining needs it")
+        saved_tokenizer = init_tokenizer.to_json()
+    if not main_process:
+        _barrier("dsv3_data_ready")  # process 0 builds the tokenizer and token caches first
+    tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer, new_tokenizer_ok=init is None)
+    if main_process:
+        _barrier("dsv3_data_ready")
+    batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
+    stop = args.stop_at or args.steps
+
+    step_fn = make_train_step(session.graphdef, session.optimizer,
+                              StepConfig(remat=args.remat, spike_factor=args.spike_factor,
+                                         spike_warmup=args.spike_warmup), mesh, session.shardings, schedule)
+    spec = LoopSpec(stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len,
+                    lr=schedules["lr"], batch_size=schedules["batch"], mtp=schedules["mtp"], gamma=schedules["gamma"],
+                    save_every=args.save_every, max_spikes=args.max_spikes, progress=args.progress,
+                    flops_per_token=training_flops_per_token(cfg, args.seq_len),
+                    peak_flops=measure_peak_flops(dtype=precision.compute_dtype))
+    mesh_note = "" if mesh is None else ", mesh " + ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
+    if schedule is not None:
+        mesh_note += f", pipeline {args.pipeline} x {schedule.microbatches} micro-batches"
+    if cfg.uses_yarn and init is not None:
+        mesh_note += (f", YaRN factor {cfg.rope_factor:g} over original length "
+                      f"{cfg.rope_original_max_position_embeddings}")
+    print(f"dsv3 train: {model_name}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, corpus "
+          f"{len(tokens):,} tokens, lr {peak_lr:g}{' constant' if init is not None else ''}, precision "
+          f"{args.precision}, workdir {workdir}" + mesh_note + (f", resuming at step {session.start}"
+                                                                if session.start else ""))
+    if micro == args.batch and init is None:
+        print("  batch-size ramp inactive: it grows the number of accumulated micro-batches, so it needs "
+              "--micro-batch smaller than --batch")
+
+    def meta_for(step: int) -> dict:
+        return {"step": step, "position": session.position, "model_config": cfg.to_hf(),
+                "run_args": dataclasses.asdict(args), "tokenizer": None if tokenizer is None else tokenizer.to_json()}
+
+    result = run_loop(session, batches, step_fn, spec, meta_for)
+    summary = {"steps_done": stop, "first_loss": result["first_loss"], "last_loss": result["last_loss"],
+               "workdir": str(workdir)}
     if stop == args.steps and tokenizer is not None and args.sample_tokens:
-        params, bias = (state["params"], state["bias"]) if mesh is None else jax.device_put(
-            _to_host((state["params"], state["bias"])), jax.local_devices()[0])
-        model = nnx.merge(graphdef, params, bias)
-        summary["sample"] = sample_text(model, tokenizer, args.prompt, args.sample_tokens, window=args.seq_len)
+        summary["sample"] = sample_text(final_model(session), tokenizer, args.prompt, args.sample_tokens)
         if main_process:
             print(f"\nsample ({args.sample_tokens} tokens, greedy) from prompt {args.prompt!r}:\n"
-              f"{summary['sample']}\n")
+                  f"{summary['sample']}\n")
     ckpt.close()
     return summary
 
@@ -422,29 +635,6 @@ def _progress(step: int, total: int, row: dict) -> None:
     bar = "#" * filled + "-" * (width - filled)
     print(f"\r[{bar}] {step}/{total} loss {row['loss']:.4f} ce {row['ce']:.4f} "
           f"{row['tokens_per_s']:,.0f} tok/s mfu {row['mfu']:.1%}", end="", file=sys.stderr, flush=True)
-
-
-def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int, window: int, temperature: float = 0.0,
-                seed: int = 0) -> str:
-    """Generate n_new tokens after `prompt` by recomputing the causal forward over a fixed window (one compile)."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    forward = nnx.jit(lambda m, t: m(t))
-    key = jax.random.key(seed)
-    out = list(ids)
-    for _ in range(n_new):
-        ctx = out[-window:]
-        buf = np.zeros((1, window), np.int32)
-        buf[0, :len(ctx)] = ctx
-        logits = forward(model, jnp.asarray(buf))[0, len(ctx) - 1]
-        if temperature > 0:
-            key, sub = jax.random.split(key)
-            nxt = int(jax.random.categorical(sub, logits / temperature))
-        else:
-            nxt = int(jnp.argmax(logits))
-        if nxt == tokenizer.eos_id:
-            break
-        out.append(nxt)
-    return prompt + tokenizer.decode(out[len(ids):])
 
 
 def load_workdir(workdir: str | os.PathLike):

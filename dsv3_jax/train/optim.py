@@ -137,6 +137,30 @@ def bias_update_speed_schedule(total_steps: int) -> Schedule:
     return lambda step: jnp.where(_step(step) < freeze, PAPER_BIAS_UPDATE_SPEED, 0.0).astype(jnp.float32)
 
 
+def cosine_lr_schedule(peak_lr: float, min_lr: float, total_steps: int, warmup: int = 0) -> Schedule:
+    """SFT LR (paper §5.1: cosine from 5e-6 to 1e-6): `warmup` linear steps to peak_lr, then a cosine to min_lr
+    reached at the last step (step total_steps - 1)."""
+    _check_total(total_steps)
+    if not 0 <= min_lr <= peak_lr:
+        raise ValueError(f"need 0 <= min_lr <= peak_lr, got min_lr {min_lr}, peak_lr {peak_lr}")
+    if int(warmup) != warmup or not 0 <= warmup < total_steps:
+        raise ValueError(f"warmup must be an integer in [0, total_steps {total_steps}), got {warmup!r}")
+    span = max(total_steps - 1 - warmup, 1)
+
+    def schedule(step):
+        s = _step(step)
+        p = jnp.clip((s - warmup) / span, 0.0, 1.0)
+        cosine = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * p))
+        return jnp.where(s < warmup, peak_lr * (s + 1) / (warmup + 1), cosine)
+
+    return schedule
+
+
+def constant_schedule(value: float) -> Schedule:
+    """`step -> value` as float32 (the context-extension LR of paper §4.3, fixed MTP weight or bias speed)."""
+    return lambda step: jnp.full(jnp.shape(step), value, jnp.float32)
+
+
 # -- optimizer ------------------------------------------------------------------------------------------------------
 class AdamBF16State(NamedTuple):
     count: jax.Array  # int32 steps taken
@@ -239,14 +263,16 @@ def adamw_bf16_moments(learning_rate: float | Schedule, b1: float = 0.9, b2: flo
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(params, peak_lr: float, total_steps: int, clip: float = 1.0,
-                   weight_decay: float = 0.1) -> optax.GradientTransformation:
-    """The paper's optimizer: clip by global norm `clip`, then AdamW(0.9, 0.95) with bf16 moments on lr_schedule."""
+def make_optimizer(params, peak_lr: float, total_steps: int, clip: float = 1.0, weight_decay: float = 0.1,
+                   schedule: Schedule | None = None) -> optax.GradientTransformation:
+    """The paper's optimizer: clip by global norm `clip`, then AdamW(0.9, 0.95) with bf16 moments on `schedule`
+    (default: lr_schedule(peak_lr, total_steps))."""
     if clip <= 0:
         raise ValueError(f"clip must be > 0, got {clip}")
+    lr = lr_schedule(peak_lr, total_steps) if schedule is None else schedule
     return optax.chain(
         optax.clip_by_global_norm(clip),
-        adamw_bf16_moments(lr_schedule(peak_lr, total_steps), weight_decay=weight_decay, mask=decay_mask(params)),
+        adamw_bf16_moments(lr, weight_decay=weight_decay, mask=decay_mask(params)),
     )
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.balance import max_violation, update_expert_bias
-from dsv3_jax.losses import cross_entropy, mtp_loss, target_weights
+from dsv3_jax.losses import cross_entropy, distill_kl, mtp_loss, target_weights
 from dsv3_jax.model.params import ExpertBias
 from dsv3_jax.model.transformer import Transformer
 from sharding.rules import batch_spec, constrain
@@ -85,6 +85,16 @@ class StepMetrics(NamedTuple):
     max_vio: jax.Array  # MaxVio averaged over the main MoE layers (paper §4.5.2)
     skipped: jax.Array  # bool: the update was skipped
     nonfinite: jax.Array  # bool: because the loss or gradient was not finite
+    distill_kl: jax.Array  # KL(teacher || student) on the trained tokens (0 without a DistillSpec)
+
+
+class DistillSpec(NamedTuple):
+    """Logit distillation (posttrain.sft --teacher): loss = (1 - weight) CE + weight tau^2 KL(teacher || student)
+    on the CE's weighted targets, the teacher's logits from a frozen forward in the same step."""
+
+    teacher_graphdef: Any
+    weight: float
+    temperature: float = 1.0
 
 
 def split_model(model: Transformer):
@@ -123,13 +133,13 @@ def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
         loss, grads, (ce, mtp, bal), counts, mtp_counts = pipeline_train_terms(
             graphdef, params, bias, batch_NBS, schedule, mesh, mtp_weight=mtp_weight,
             balance_alpha=sc.balance_alpha, remat=sc.remat)
-        return (loss, (ce, mtp, bal, counts, mtp_counts)), grads
+        return (loss, (ce, mtp, bal, counts, mtp_counts, jnp.zeros((), jnp.float32))), grads
 
     return grad_fn
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig, mesh=None,
-                    state_shardings=None, schedule=None) -> Callable:
+                    state_shardings=None, schedule=None, distill: DistillSpec | None = None) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
     windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets), an int
@@ -143,39 +153,46 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
     With a pipeline `schedule` (sharding.pipeline.make_schedule over the mesh's 'pp' ranks) each of the K
     micro-batches is split into schedule.microbatches pipeline micro-batches of M / microbatches windows, and its
     loss, gradients and expert counts come from the pipeline executor (same values); the update is the same.
+    With `distill` the step takes `teacher=(params, bias)` of distill.teacher_graphdef (same vocabulary).
     """
 
-    def loss_fn(params, bias, batch_MS: Batch, mtp_weight):
+    def loss_fn(params, bias, batch_MS: Batch, mtp_weight, teacher=None):
         batch_MS = jax.tree.map(lambda a: constrain(a, ("batch", None)), batch_MS)
         model = nnx.merge(graphdef, params, bias)
         loss, (ce, mtp, bal), out = batch_loss_terms(model, batch_MS, mtp_weight, sc.balance_alpha, sc.remat)
+        kl = jnp.zeros((), jnp.float32)
+        if distill is not None:
+            loss, kl = _distill_terms(distill, teacher, batch_MS, out.logits, loss, ce)
         zeros = jnp.zeros((0,), jnp.int32)
         counts = zeros if out.expert_counts is None else out.expert_counts
         mtp_counts = zeros if out.mtp_expert_counts is None else out.mtp_expert_counts
-        return loss, (ce, mtp, bal, counts, mtp_counts)
+        return loss, (ce, mtp, bal, counts, mtp_counts, kl)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if schedule is not None:
+        if distill is not None:
+            raise ValueError("make_train_step: logit distillation does not run through the pipeline executor")
         if mesh is None:
             raise ValueError("make_train_step: a pipeline schedule needs a mesh with a 'pp' axis")
         grad_fn = _pipeline_grad_fn(graphdef, sc, schedule, mesh)
 
-    def step(state: TrainState, batch_KMS: Batch, mtp_weight, gamma, spike_factor, spike_warmup):
+    def step(state: TrainState, batch_KMS: Batch, mtp_weight, gamma, spike_factor, spike_warmup, teacher):
         params, bias = state["params"], state["bias"]
+        extra = () if teacher is None else (teacher,)
 
         def micro(acc, window):
-            (loss, aux), grads = grad_fn(params, bias, window, mtp_weight)
+            (loss, aux), grads = grad_fn(params, bias, window, mtp_weight, *extra)
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree.map(lambda a: a[0], batch_KMS)
-        _, aux_shape = jax.eval_shape(grad_fn, params, bias, first, mtp_weight)[0]
+        _, aux_shape = jax.eval_shape(grad_fn, params, bias, first, mtp_weight, *extra)[0]
         zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
         init = (jnp.zeros((), jnp.float32), zero_aux, zero_grads)
-        (loss, (ce, mtp, bal, counts, mtp_counts), grads), _ = jax.lax.scan(micro, init, batch_KMS)
+        (loss, (ce, mtp, bal, counts, mtp_counts, kl), grads), _ = jax.lax.scan(micro, init, batch_KMS)
         k = batch_KMS.tokens.shape[0]
-        loss, ce, mtp, bal = loss / k, ce / k, mtp / k, bal / k
+        loss, ce, mtp, bal, kl = loss / k, ce / k, mtp / k, bal / k, kl / k
         grads = jax.tree.map(lambda g: g / k, grads)
         grad_norm = optax.global_norm(grads)
 
@@ -201,7 +218,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             "step": state["step"] + 1,
         }
         max_vio = jnp.zeros((), jnp.float32) if counts.size == 0 else jnp.mean(max_violation(counts))
-        return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite)
+        return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite, kl)
 
     if mesh is None:
         jitted = jax.jit(step)
@@ -211,14 +228,28 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             raise ValueError("make_train_step: a mesh needs state_shardings (sharding.rules.train_state_shardings)")
         rep = NamedSharding(mesh, PartitionSpec())
         windows = NamedSharding(mesh, batch_spec(3, batch_dim=1))
-        jitted = jax.jit(step, in_shardings=(state_shardings, windows, rep, rep, rep, rep),
+        jitted = jax.jit(step, in_shardings=(state_shardings, windows, rep, rep, rep, rep, rep),
                          out_shardings=(state_shardings, rep))
         scalar = np  # host values: every process passes the same, no process-local device arrays
 
-    def call(state: TrainState, windows_KMS, mtp_weight, gamma):
+    def call(state: TrainState, windows_KMS, mtp_weight, gamma, teacher=None):
+        if (teacher is None) != (distill is None):
+            raise ValueError("make_train_step: pass teacher=(params, bias) exactly when the step has a DistillSpec")
         batch = as_batch(windows_KMS)
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             return jitted(state, batch, scalar.float32(mtp_weight), scalar.float32(gamma),
-                          scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup))
+                          scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup), teacher)
 
     return call
+
+
+def _distill_terms(distill: DistillSpec, teacher, batch: Batch, logits_MTV, loss, ce):
+    """(loss with (1 - w) CE + w tau^2 KL in place of CE, KL): the teacher's logits by a frozen forward."""
+    tokens, seg = batch.tokens, batch.segment_ids
+    t_model = nnx.merge(distill.teacher_graphdef, *teacher)
+    t_logits = jax.lax.stop_gradient(
+        t_model.forward(tokens[:, :-1], segment_ids_BT=None if seg is None else seg[:, :-1]).logits)
+    kl = distill_kl(logits_MTV, t_logits, target_weights(tokens.shape, 1, batch.loss_mask, seg),
+                    distill.temperature)
+    w = distill.weight
+    return loss - w * ce + w * distill.temperature ** 2 * kl, kl

@@ -301,3 +301,20 @@ def test_expert_bias_not_in_optimizer_state(tiny):
         np.testing.assert_array_equal(after[k], before[k])
     for k in ("embed", "head", "moe_layers/ffn/w_up", "mtp/eh_proj"):
         np.testing.assert_allclose(after[k], 0.95 * before[k], rtol=1e-6)
+
+
+def test_sft_cosine_schedule():
+    """Paper §5.1: cosine from the peak (after an optional linear warmup) to min_lr at the last step."""
+    total, warm, peak, low = 11, 2, 5e-6, 1e-6
+    f = optim.cosine_lr_schedule(peak, low, total, warm)
+    for s in range(total):
+        want = (peak * (s + 1) / (warm + 1) if s < warm
+                else low + 0.5 * (peak - low) * (1 + math.cos(math.pi * (s - warm) / (total - 1 - warm))))
+        assert float(f(s)) == pytest.approx(want, rel=1e-5)
+    assert float(optim.cosine_lr_schedule(peak, low, 5)(0)) == pytest.approx(peak)
+    assert float(optim.cosine_lr_schedule(peak, low, 5)(4)) == pytest.approx(low)
+    with pytest.raises(ValueError, match="min_lr"):
+        optim.cosine_lr_schedule(1e-6, 5e-6, 10)
+    with pytest.raises(ValueError, match="warmup"):
+        optim.cosine_lr_schedule(peak, low, 10, warmup=10)
+    assert float(optim.constant_schedule(7.3e-6)(123)) == pytest.approx(7.3e-6)
