@@ -5,9 +5,10 @@ synthetic tasks (`builtin:passkey`, and the post-training tasks `builtin:additio
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
+
+from dsv3_jax.jsonl import read_objects
 
 KINDS = ("multiple_choice", "generate", "code", "perplexity")
 POSTTRAIN_TASKS = ("addition", "sorting", "countdown")
@@ -102,26 +103,15 @@ def validate_example(row: dict, kind: str, where: str) -> dict:
 
 def load_jsonl_task(path: str, kind: str | None = None, limit: int | None = None) -> Task:
     """A task from a JSONL file (one example per line), its kind inferred from the first row unless given."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"task file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if limit is not None and len(rows) >= limit:
-                break
+    for where, row in read_objects(path, "task"):
+        rows.append((where, row))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no examples")
-    if kind is None:
-        if not isinstance(rows[0][1], dict):
-            raise ValueError(f"{path}:{rows[0][0]}: expected a JSON object")
-        kind = infer_kind(rows[0][1])
-    examples = tuple(validate_example(row, kind, f"{path}:{n}") for n, row in rows)
+    kind = infer_kind(rows[0][1]) if kind is None else kind
+    examples = tuple(validate_example(row, kind, where) for where, row in rows)
     name = os.path.splitext(os.path.basename(path))[0]
     return Task(name, kind, examples)
 

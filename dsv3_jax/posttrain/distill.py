@@ -14,33 +14,23 @@ import os
 
 import numpy as np
 
+from dsv3_jax.jsonl import read_objects
 from dsv3_jax.posttrain.chat import check_messages, render
 
 
 def read_prompts(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
     """[(file:line, messages ending with a user turn)] of a prompts JSONL file; ValueError naming file:line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file {path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                messages = [{"role": "user", "content": row["prompt"]}]
-            elif isinstance(row, dict) and "messages" in row:
-                messages = check_messages(row["messages"], where)
-            else:
-                raise ValueError(f"{where}: expected an object with a 'prompt' string or a 'messages' list")
-            if messages[-1]["role"] != "user":
-                raise ValueError(f"{where}: the last message must be the user's (the teacher answers it)")
-            out.append((where, messages))
+    for where, row in read_objects(path, "prompts"):
+        if isinstance(row.get("prompt"), str):
+            messages = [{"role": "user", "content": row["prompt"]}]
+        elif "messages" in row:
+            messages = check_messages(row["messages"], where)
+        else:
+            raise ValueError(f"{where}: expected an object with a 'prompt' string or a 'messages' list")
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"{where}: the last message must be the user's (the teacher answers it)")
+        out.append((where, messages))
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out

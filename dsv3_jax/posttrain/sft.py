@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from typing import Any, NamedTuple
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from dsv3_jax.jsonl import read_objects
 from dsv3_jax.posttrain.chat import chat_tokenizer, check_messages, render
 from dsv3_jax.precision import Precision
 from dsv3_jax.train import data as data_lib
@@ -57,21 +57,10 @@ def read_chat_jsonl(paths) -> list[tuple[str, list[dict]]]:
         paths = [paths]
     out = []
     for path in paths:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"chat data file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or "messages" not in row:
-                    raise ValueError(f"{where}: expected an object with a 'messages' list")
-                out.append((where, check_messages(row["messages"], where)))
+        for where, row in read_objects(path, "chat data"):
+            if "messages" not in row:
+                raise ValueError(f"{where}: expected an object with a 'messages' list")
+            out.append((where, check_messages(row["messages"], where)))
     if not out:
         raise ValueError(f"no conversations in {', '.join(map(os.fspath, paths))}")
     return out

@@ -25,6 +25,8 @@ import random
 import re
 from fractions import Fraction
 
+from dsv3_jax.jsonl import read_objects
+
 TASKS: tuple[str, ...] = ("addition", "sorting", "countdown")
 SCORERS: tuple[str, ...] = TASKS + ("exact",)  # what `score` accepts: the tasks plus plain answer matching
 
@@ -176,41 +178,28 @@ def problem_scorer(problem: Problem, default: str = "exact") -> str:
 
 def load_problems(path: str | os.PathLike) -> list[Problem]:
     """Problems from a JSONL file of {"prompt", "answer"[, "task", "meta"]} objects (see the module docstring)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"problems file not found: {path}")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object with 'prompt' and 'answer', got {type(row).__name__}")
-            for key in ("prompt", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{where}: '{key}' must be a non-empty string, got {row.get(key)!r}")
-            meta = row.get("meta", {})
-            if not isinstance(meta, dict):
-                raise ValueError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
-            unknown = sorted(set(row) - {"prompt", "answer", "task", "meta"})
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {unknown}; expected prompt, answer, task, meta")
-            if "task" in row:
-                if row["task"] not in SCORERS:
-                    raise ValueError(f"{where}: 'task' must be one of {', '.join(SCORERS)}, got {row['task']!r}")
-                if row["task"] == "countdown" and not (isinstance(meta.get("numbers"), list) and all(
-                        type(x) is int for x in meta["numbers"])):
-                    raise ValueError(f"{where}: a countdown line needs meta.numbers, a list of integers")
-                if row["task"] == "countdown" and not _INT_RE.fullmatch(row["answer"].strip()):
-                    raise ValueError(f"{where}: a countdown line's answer must be the target integer, got "
-                                     f"{row['answer']!r}")
-                meta = {**meta, "task": row["task"]}
-            problems.append(Problem(row["prompt"], row["answer"], meta))
+    for where, row in read_objects(path, "problems"):
+        for key in ("prompt", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{where}: '{key}' must be a non-empty string, got {row.get(key)!r}")
+        meta = row.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
+        unknown = sorted(set(row) - {"prompt", "answer", "task", "meta"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; expected prompt, answer, task, meta")
+        if "task" in row:
+            if row["task"] not in SCORERS:
+                raise ValueError(f"{where}: 'task' must be one of {', '.join(SCORERS)}, got {row['task']!r}")
+            if row["task"] == "countdown" and not (isinstance(meta.get("numbers"), list) and all(
+                    type(x) is int for x in meta["numbers"])):
+                raise ValueError(f"{where}: a countdown line needs meta.numbers, a list of integers")
+            if row["task"] == "countdown" and not _INT_RE.fullmatch(row["answer"].strip()):
+                raise ValueError(f"{where}: a countdown line's answer must be the target integer, got "
+                                 f"{row['answer']!r}")
+            meta = {**meta, "task": row["task"]}
+        problems.append(Problem(row["prompt"], row["answer"], meta))
     if not problems:
-        raise ValueError(f"{path}: no problems (the file is empty)")
+        raise ValueError(f"{os.fspath(path)}: no problems (the file is empty)")
     return problems

@@ -100,7 +100,7 @@ def test_load_problems(tmp_path):
 
 
 @pytest.mark.parametrize("line, match", [
-    ("{not json", "not JSON"), ("[1]", "expected an object"), ('{"prompt": "x"}', "'answer' must be"),
+    ("{not json", "not valid JSON"), ("[1]", "expected a JSON object"), ('{"prompt": "x"}', "'answer' must be"),
     ('{"prompt": "", "answer": "1"}', "'prompt' must be"), ('{"prompt": "x", "answer": "1", "extra": 1}',
                                                              "unknown key"),
     ('{"prompt": "x", "answer": "1", "task": "chess"}', "'task' must be"),
