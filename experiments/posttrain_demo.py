@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 lr=1e-3, min_lr=1e-4, save_every=size["sft_steps"], **common))
 
     run_grpo(GRPOArgs(init=str(out / "sft"), workdir=str(out / "grpo"), task=str(grpo_pool),
-                      iterations=size["grpo_iterations"], prompts_per_batch=8, group_size=8, updates_per_batch=2,
-                      lr=1e-3, max_new_tokens=8, seed=args.seed, save_every=size["grpo_iterations"], progress=False))
+                      iterations=size["grpo_iterations"], prompts_per_batch=8, group_size=16, updates_per_batch=1,
+                      lr=2e-5, max_new_tokens=8, seed=args.seed, save_every=size["grpo_iterations"], progress=False))
 
     task = _eval_task(held_out)
     stages = {
