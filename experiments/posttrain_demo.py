@@ -62,8 +62,9 @@ def _write_jsonl(path: pathlib.Path, rows) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def _eval_task(held_out: list) -> Task:
-    examples = tuple({"prompt": p.prompt, "answer": p.answer, "problem": p} for p in held_out)
+def _eval_task(held_out: list, stop: tuple[str, ...] = ()) -> Task:
+    """The held-out problems as a generation task; `stop`: strings that end a completion (besides EOS)."""
+    examples = tuple({"prompt": p.prompt, "answer": p.answer, "problem": p, "stop": list(stop)} for p in held_out)
     return Task("addition", "generate", examples,
                 scorer=lambda completion, ex: float(score("addition", completion, ex["problem"])))
 
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                       lr=2e-5, max_new_tokens=8, seed=args.seed, save_every=size["grpo_iterations"], progress=False))
 
     task = _eval_task(held_out)
-    stages = {
-        "pretrained (plain text prompt)": _exact_match(out / "pretrain", task, chat=False),
+    stages = {  # the pretraining text has one problem per line: a plain-text answer ends at the newline
+        "pretrained (plain text prompt)": _exact_match(out / "pretrain", _eval_task(held_out, ("\n",)), chat=False),
         "pretrained (chat prompt)": _exact_match(out / "pretrain", task, chat=True),
         "after SFT": _exact_match(out / "sft", task, chat=True),
         "after GRPO": _exact_match(out / "grpo", task, chat=True),
