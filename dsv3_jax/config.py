@@ -375,7 +375,6 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-
 def _parse_field_value(name: str, annotation: str, text: str) -> Any:
     """`text` as the type of ModelConfig field `name` (annotation as written: int, float, bool, str, X | None)."""
     kinds = [k.strip() for k in annotation.split("|")]

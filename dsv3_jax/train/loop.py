@@ -169,6 +169,13 @@ def _eval_data_sets(args: RunArgs) -> dict[str, str]:
     return out
 
 
+def balance_settings(args: RunArgs) -> tuple[float, float | None]:
+    """(balance-loss alpha, constant bias speed or None for the schedule) of --balance/--balance-alpha/--gamma:
+    aux-loss and none keep the zero-initialised expert bias at zero (speed 0), so routing runs without bias."""
+    alpha = DEFAULT_BALANCE_ALPHA[args.balance] if args.balance_alpha is None else args.balance_alpha
+    return alpha, (0.0 if args.balance != "aux-free" else args.gamma)
+
+
 def _switch_config(args: RunArgs, cfg: ModelConfig) -> ModelConfig:
     """cfg with --set KEY=VALUE and --mtp-depth applied (validated)."""
     if args.set:
@@ -687,13 +694,11 @@ def train(args: RunArgs) -> dict[str, Any]:
         peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
         schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
                          mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
+    alpha, gamma = balance_settings(args)
+    if gamma is not None:
+        schedules["gamma"] = constant_schedule(gamma)
     if args.mtp_weight is not None:
         schedules["mtp"] = constant_schedule(args.mtp_weight)
-    if args.balance != "aux-free":  # the bias starts at zero and never moves: routing without bias
-        schedules["gamma"] = constant_schedule(0.0)
-    elif args.gamma is not None:
-        schedules["gamma"] = constant_schedule(args.gamma)
-    alpha = DEFAULT_BALANCE_ALPHA[args.balance] if args.balance_alpha is None else args.balance_alpha
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
                             micro=micro, zero=args.zero, resume=args.resume, init=init)
     if args.resume:
