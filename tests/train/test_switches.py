@@ -1,5 +1,6 @@
 """Research switches of `dsv3 train` (balance strategy and scope, MTP overrides, --set, FIM, held-out evaluation):
-the balance terms against NumPy restatements of eqs. 17-20 and §4.5.3, one tiny aux-loss run with evaluation."""
+the balance terms against NumPy restatements of eqs. 17-20 and §4.5.3, one tiny aux-loss run (bias stays zero,
+loss = CE + w MTP + alpha x balance term) with held-out evaluation."""
 
 import dataclasses
 import json
@@ -17,8 +18,7 @@ from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train import loop
 from dsv3_jax.train.loop import RunArgs, balance_settings, load_workdir, train
-from dsv3_jax.train.optim import make_optimizer
-from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+from dsv3_jax.train.step import Batch, batch_loss_terms, split_model
 
 WORDS = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")"]
 
@@ -51,9 +51,9 @@ def test_balance_terms_against_numpy():
 
 
 @pytest.fixture(scope="module")
-def recorded_step(request):
-    """One train step per balance scope on the tiny model, with every MoE layer's routing (scores, experts)
-    recorded by a debug callback; alpha 1e-2 and gamma 0 as --balance aux-loss runs it."""
+def recorded_terms():
+    """The step's loss terms (step.batch_loss_terms) per balance scope on the tiny model, alpha 1e-2, with every
+    MoE layer's routing (scores, experts) recorded by a debug callback."""
     mp = pytest.MonkeyPatch()
     records = []
     route = moe_mod.route
@@ -65,29 +65,27 @@ def recorded_step(request):
 
     mp.setattr(moe_mod, "route", recording_route)
     graphdef, params, bias = split_model(Transformer(TINY, nnx.Rngs(0)))
-    opt = make_optimizer(params, 1e-3, 10)
-    tokens = jax.random.randint(jax.random.key(1), (1, 4, 17), 0, TINY.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, TINY.vocab_size)
     out = {}
     try:
         for scope in ("sequence", "batch"):
             records.clear()
-            step = make_train_step(graphdef, opt, StepConfig(balance_alpha=1e-2, balance_scope=scope))
-            state, m = step(init_state(params, bias, opt), tokens, 0.3, 0.0)
-            jax.block_until_ready(state)
-            out[scope] = (jax.device_get(m), jax.device_get(state["bias"]), list(records))
+            f = jax.jit(lambda p, b, t, scope=scope: batch_loss_terms(nnx.merge(graphdef, p, b), Batch(t), 0.3, 1e-2,
+                                                                      balance_scope=scope)[:2])
+            loss, (ce, mtp, bal) = jax.device_get(f(params, bias, tokens))
+            out[scope] = (loss, ce, mtp, bal, list(records))
     finally:
         mp.undo()
     return out
 
 
 @pytest.mark.parametrize("scope", ["sequence", "batch"])
-def test_aux_loss_step_adds_alpha_times_balance_term(recorded_step, scope):
-    m, new_bias, records = recorded_step[scope]
+def test_loss_adds_alpha_times_the_scopes_balance_term(recorded_terms, scope):
+    loss, ce, mtp, bal, records = recorded_terms[scope]
     assert len(records) == TINY.num_hidden_layers - TINY.first_k_dense_replace + TINY.num_mtp_layers
     want = sum(np_balance(s.reshape(4, 16, -1), e.reshape(4, 16, -1), scope) for s, e in records)
-    np.testing.assert_allclose(float(m.balance_loss), 1e-2 * want, rtol=1e-5)
-    np.testing.assert_allclose(float(m.loss), float(m.ce + 0.3 * m.mtp_loss + m.balance_loss), rtol=1e-6)
-    assert all(np.all(b == 0) for b in jax.tree.leaves(new_bias))  # gamma 0: the bias stays at zero
+    np.testing.assert_allclose(float(bal), 1e-2 * want, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(ce + 0.3 * mtp + bal), rtol=1e-6)
 
 
 def test_balance_settings_and_validation():
