@@ -126,6 +126,9 @@ def _validate_switches(args: RunArgs) -> None:
         raise ValueError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {args.balance!r}")
     if args.balance_scope not in BALANCE_SCOPES:
         raise ValueError(f"--balance-scope must be one of {', '.join(BALANCE_SCOPES)}, got {args.balance_scope!r}")
+    if args.balance_scope != "sequence" and args.pipeline is not None:
+        raise ValueError("--balance-scope batch is not implemented with --pipeline (the pipeline executor computes "
+                         "the sequence-wise term)")
     if args.balance_alpha is not None:
         if not args.balance_alpha >= 0:
             raise ValueError(f"--balance-alpha must be >= 0, got {args.balance_alpha}")
@@ -296,9 +299,10 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
         tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
     else:
         tokenizer = None
+    fim_rate = args.fim_rate if tokenizer is not None else 0.0  # pre-tokenized data: no FIM
     tokens = data_lib.prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
-                                     bin_dtype=args.data_dtype, fim_rate=args.fim_rate if tokenizer else 0.0,
-                                     fim_seed=args.seed, heldout_fraction=args.eval_fraction, split="train")
+                                     bin_dtype=args.data_dtype, fim_rate=fim_rate, fim_seed=args.seed,
+                                     heldout_fraction=args.eval_fraction, split="train")
     return tokenizer, tokens
 
 
