@@ -217,3 +217,21 @@ def test_resume_with_other_data_switches_is_refused(aux_run):
         train(dataclasses.replace(aux_run, resume=True, steps=6, fim_rate=0.0))
     with pytest.raises(ValueError, match="--eval-fraction 0.0"):
         loop._check_resumed_data(aux_run, {"fim_rate": 0.1})  # saved before the switch existed: no held-out split
+
+
+def test_cli_passes_the_switches(monkeypatch):
+    from dsv3_jax import cli
+
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda args: seen.append(args) or {"first_loss": None, "last_loss": None})
+    assert cli.main(["train", "--workdir", "w", "--steps", "3", "--balance", "aux-loss", "--balance-scope", "batch",
+                     "--balance-alpha", "0.01", "--mtp-depth", "0", "--mtp-weight", "0.5", "--set", "n_group=1",
+                     "topk_group=1", "--fim-rate", "0", "--eval-every", "2", "--eval-fraction", "0.05",
+                     "--eval-batches", "3", "--eval-data", "code=a.jsonl", "--gamma", "0"]) == 0
+    a = seen[0]
+    assert (a.balance, a.balance_scope, a.balance_alpha, a.gamma, a.mtp_depth, a.mtp_weight) == (
+        "aux-loss", "batch", 0.01, 0.0, 0, 0.5)
+    assert (a.set, a.fim_rate, a.eval_every, a.eval_fraction, a.eval_batches, a.eval_data) == (
+        ["n_group=1", "topk_group=1"], 0.0, 2, 0.05, 3, ["code=a.jsonl"])
+    assert cli.main(["train", "--workdir", "w", "--steps", "3"]) == 0
+    assert (seen[1].balance, seen[1].fim_rate, seen[1].eval_fraction, seen[1].eval_every) == ("aux-free", 0.1, 0.01, 0)
