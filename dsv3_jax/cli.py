@@ -62,7 +62,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                   prompt=args.prompt,
                   sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh,
                   pipeline=args.pipeline, microbatches=args.microbatches, init=args.init,
-                  yarn_factor=args.yarn_factor, yarn_original_len=args.yarn_original_len)
+                  yarn_factor=args.yarn_factor, yarn_original_len=args.yarn_original_len, balance=args.balance,
+                  balance_scope=args.balance_scope, balance_alpha=args.balance_alpha, gamma=args.gamma,
+                  mtp_depth=args.mtp_depth, mtp_weight=args.mtp_weight, set=args.set, fim_rate=args.fim_rate,
+                  eval_fraction=args.eval_fraction, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                  eval_data=args.eval_data)
     try:
         summary = train(run)
     except TrainingInterrupted:
@@ -267,6 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "this scale factor (beta 32/1, mscale 1)")
     tr.add_argument("--yarn-original-len", type=int, help="YaRN's original length (default: the --init run's "
                                                           "--seq-len)")
+    sw = tr.add_argument_group("research switches")
+    sw.add_argument("--balance", default="aux-free", choices=["aux-free", "aux-loss", "none"],
+                    help="load balancing: the bias rule plus a small sequence-wise loss (alpha 1e-4; paper), a "
+                         "conventional auxiliary loss without bias (alpha 1e-3), or none")
+    sw.add_argument("--balance-scope", default="sequence", choices=["sequence", "batch"],
+                    help="balance term per sequence (eqs. 17-20) or over the batch's tokens (paper §4.5.3)")
+    sw.add_argument("--balance-alpha", type=float, help="balance-loss weight (overrides the strategy's default)")
+    sw.add_argument("--gamma", type=float, help="constant expert-bias update speed (default: 0.001 then 0)")
+    sw.add_argument("--mtp-depth", type=int, help="number of MTP modules (0 turns MTP off; default: the config's)")
+    sw.add_argument("--mtp-weight", type=float, help="constant MTP loss weight (default: 0.3 then 0.1)")
+    sw.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override ModelConfig fields, e.g. --set n_group=1 "
+                                                                 "topk_group=1 num_experts_per_tok=2")
+    sw.add_argument("--fim-rate", type=float, default=0.1, help="fill-in-the-middle rate of text documents "
+                                                                "(paper §4.1: 0.1; 0 turns it off)")
+    sw.add_argument("--eval-fraction", type=float, default=0.01, help="whole documents held out from training for "
+                                                                      "validation (0: none)")
+    sw.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps and at the end, "
+                                                              "rows in WORKDIR/eval.jsonl (0: off)")
+    sw.add_argument("--eval-batches", type=int, default=4, help="micro-batches per evaluated set")
+    sw.add_argument("--eval-data", nargs="+", metavar="NAME=PATH", help="extra evaluation sets (per-domain CE and "
+                                                                        "expert loads), tokenised with the run's "
+                                                                        "tokenizer")
     tr.set_defaults(func=cmd_train)
 
     st = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (paper §5.1), optionally distilling a "

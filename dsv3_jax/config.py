@@ -374,3 +374,44 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
+
+def _parse_field_value(name: str, annotation: str, text: str) -> Any:
+    """`text` as the type of ModelConfig field `name` (annotation as written: int, float, bool, str, X | None)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if "None" in kinds and text.strip().lower() in ("none", "null"):
+        return None
+    kind = next(k for k in kinds if k != "None")
+    try:
+        if kind == "bool":
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError
+            return lowered in ("true", "1")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"--set {name}={text}: expected {annotation}") from None
+
+
+def apply_overrides(cfg: ModelConfig, items: list[str] | tuple[str, ...]) -> ModelConfig:
+    """`cfg` with KEY=VALUE overrides of its fields (values parsed as the field's type), validated; ValueError naming
+    an unknown field, a malformed item or a bad value."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise ValueError(f"--set {key}: ModelConfig has no field {key!r}")
+        if key in changes:
+            raise ValueError(f"--set {key} given twice")
+        changes[key] = _parse_field_value(key, fields[key], text)
+    try:
+        return cfg.replace(**changes)
+    except ValueError as e:
+        raise ValueError(f"--set {' '.join(items)}: {e}") from None

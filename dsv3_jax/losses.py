@@ -1,5 +1,5 @@
-"""Training losses: next-token cross-entropy, the MTP loss (paper §2.2, eqs. 24-25) and the sequence-wise
-balance loss (paper §2.1.2, eqs. 17-20).
+"""Training losses: next-token cross-entropy, the MTP loss (paper §2.2, eqs. 24-25), the sequence-wise
+balance loss (paper §2.1.2, eqs. 17-20) and its batch-wise variant (§4.5.3).
 
 Masks (packed post-training samples): a per-token loss weight and segment ids over the window of S = T + 1 tokens.
 `target_weights` turns them into the weight of each prediction "position i predicts token i + offset": the loss
@@ -105,6 +105,31 @@ def sequence_balance_terms(scores_BTE: jax.Array, experts_BTK: jax.Array) -> jax
     hits_BE = jnp.sum(jax.nn.one_hot(experts_BTK, e, dtype=jnp.float32), axis=(1, 2))
     f_BE = hits_BE * (e / (k * t))
     return jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1)
+
+
+def expert_score_means(scores_TE: jax.Array) -> jax.Array:
+    """P_i over the tokens of the leading axes: mean_t s_{i,t} / sum_j s_{j,t}, float32 [E]."""
+    s = scores_TE.astype(jnp.float32)
+    s = s / jnp.sum(s, axis=-1, keepdims=True)
+    return jnp.mean(s.reshape(-1, s.shape[-1]), axis=0)
+
+
+def balance_from_stats(hits_E: jax.Array, p_E: jax.Array) -> jax.Array:
+    """sum_i f_i P_i from routed-token hits over N tokens (sum of hits = K N): f_i = E/(K N) hits_i = E hits_i /
+    sum_j hits_j (no gradient through f); 0 when there are no hits."""
+    e = hits_E.shape[-1]
+    hits = hits_E.astype(jnp.float32)
+    total = jnp.sum(hits, axis=-1, keepdims=True)
+    f_E = jax.lax.stop_gradient(e * hits / jnp.where(total > 0, total, 1.0))
+    return jnp.sum(f_E * p_E, axis=-1)
+
+
+def batch_balance_terms(scores_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
+    """Batch-wise sum_i f_i P_i (paper §4.5.3): eqs. 18-20 with f_i and P_i over all tokens of the batch instead
+    of one sequence (scores [..., E], routed experts [..., K], the leading axes flattened)."""
+    e = scores_TE.shape[-1]
+    hits_E = jnp.sum(jax.nn.one_hot(experts_TK.reshape(-1), e, dtype=jnp.float32), axis=0)
+    return balance_from_stats(hits_E, expert_score_means(scores_TE))
 
 
 def sequence_balance_loss(scores_BTE: jax.Array, experts_BTK: jax.Array, alpha: float = 1e-4) -> jax.Array:

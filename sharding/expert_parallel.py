@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.losses import sequence_balance_terms
+from dsv3_jax.losses import balance_from_stats, expert_score_means, sequence_balance_terms
 from dsv3_jax.model.experts import Routing, route, routed_experts
 from sharding.mesh import ep_group_size
 from sharding.rules import constrain
@@ -48,7 +48,8 @@ def experts_split(mesh=None) -> bool:
 
 def moe_expert_parallel(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: ModelConfig,
                         mesh=None, tile: int | None = None, fp8: bool = False):
-    """Routed-expert output [B, T, D], global expert counts [E] and the balance term (mean over all sequences)
+    """Routed-expert output [B, T, D], global expert counts [E], the balance term (mean over all sequences) and
+    the batch-wise balance term (f from the global counts, P the mean over all ranks' tokens)
     with the experts split over mesh axis 'ep' and the batch over ('dp', 'ep'); same values as the
     single-device MoE path. `mesh` defaults to the one set by jax.set_mesh."""
     if fp8:
@@ -94,12 +95,15 @@ def moe_expert_parallel(x_BTD, router_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_E
                                 token_axes)
         balance = sequence_balance_terms(routing.scores_TE.reshape(b, t, -1), routing.experts_TK.reshape(b, t, k))
         balance = jax.lax.pmean(jnp.mean(balance), token_axes)
-        return out_TD.reshape(b, t, d), counts_E, balance
+        # every rank holds the same number of tokens, so the global P is the mean of the ranks' P
+        balance_batch = balance_from_stats(counts_E, jax.lax.pmean(expert_score_means(routing.scores_TE),
+                                                                   token_axes))
+        return out_TD.reshape(b, t, d), counts_E, balance, balance_batch
 
     w_spec = P("ep", None, None) if "ep" in sizes else P()
     fn = jax.shard_map(local, mesh=mesh, axis_names=manual,
                        in_specs=(P(token_axes), P(), P(), w_spec, w_spec, w_spec),
-                       out_specs=(P(token_axes), P(), P()),
+                       out_specs=(P(token_axes), P(), P(), P()),
                        # the grouped matmul's custom backward scans with an unannotated carry
                        check_vma=False)
     bias_arg = bias_E if has_bias else jnp.zeros((e,), jnp.float32)

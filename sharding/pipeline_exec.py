@@ -419,8 +419,8 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         aux = {"counts": jnp.zeros((0,), jnp.int32), "ce": ce, "mtp": zero, "bal": zero}  # the loss's parts
         if tm.mtp is not None:
             cos, sin, mask = rope(batch)
-            mtp_logits, mtp_counts, mtp_balance = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat,
-                                                                  None if seg is None else seg[:, :-1])
+            mtp_logits, mtp_counts, mtp_balance, _ = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat,
+                                                                     None if seg is None else seg[:, :-1])
             aux["mtp"] = mtp_loss(mtp_logits, window, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg)
             aux["bal"] = balance_alpha * mtp_balance
             aux["counts"] = aux["counts"] if mtp_counts is None else mtp_counts

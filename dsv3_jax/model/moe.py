@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.losses import sequence_balance_terms
+from dsv3_jax.losses import batch_balance_terms, sequence_balance_terms
 from dsv3_jax.model.experts import route, routed_experts
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.params import ExpertBias, param
@@ -22,6 +22,7 @@ from dsv3_jax.model.params import ExpertBias, param
 class MoEAux(NamedTuple):
     counts_E: jax.Array  # tokens routed to each expert (int32), for the bias update and MaxVio
     balance: jax.Array  # sum_i f_i P_i averaged over sequences (eqs. 17-20 without alpha)
+    balance_batch: jax.Array  # sum_i f_i P_i with f and P over all tokens of the batch (§4.5.3, without alpha)
 
 
 class MoE(nnx.Module):
@@ -47,8 +48,9 @@ class MoE(nnx.Module):
         b, t, d = x_BTD.shape
         bias = None if self.expert_bias is None else self.expert_bias[...]
         if experts_split():
-            y, counts, balance = moe_expert_parallel(x_BTD, self.router[...], bias, self.w_gate[...],
-                                                     self.w_up[...], self.w_down[...], self.cfg, fp8=self.fp8)
+            y, counts, balance, balance_batch = moe_expert_parallel(
+                x_BTD, self.router[...], bias, self.w_gate[...], self.w_up[...], self.w_down[...], self.cfg,
+                fp8=self.fp8)
         else:
             x_TD = x_BTD.reshape(b * t, d)
             routing = route(x_TD, self.router[...], bias, self.cfg)
@@ -58,6 +60,7 @@ class MoE(nnx.Module):
             k = self.cfg.num_experts_per_tok
             balance = jnp.mean(sequence_balance_terms(routing.scores_TE.reshape(b, t, -1),
                                                       routing.experts_TK.reshape(b, t, k)))
+            balance_batch = batch_balance_terms(routing.scores_TE, routing.experts_TK)
         if self.shared is not None:
             y = y + self.shared(x_BTD)
-        return y, MoEAux(counts, balance)
+        return y, MoEAux(counts, balance, balance_batch)

@@ -33,6 +33,8 @@ class ModelOutput(NamedTuple):
     balance: jax.Array  # sum over main MoE layers of mean_b sum_i f_i P_i (eqs. 17-20, without alpha)
     mtp_balance: jax.Array  # the same over the MTP blocks
     hidden: jax.Array  # [B, T, D] main-model output after the final norm
+    balance_batch: jax.Array | float = 0.0  # sum over main MoE layers of the batch-wise sum_i f_i P_i (§4.5.3)
+    mtp_balance_batch: jax.Array | float = 0.0  # the same over the MTP blocks
 
 
 class Block(nnx.Module):
@@ -174,12 +176,14 @@ class Transformer(nnx.Module):
         zero = jnp.zeros((), jnp.float32)
         counts = None if moe_aux is None else moe_aux.counts_E
         balance = zero if moe_aux is None else jnp.sum(moe_aux.balance)
+        balance_batch = zero if moe_aux is None else jnp.sum(moe_aux.balance_batch)
         mtp_logits = mtp_counts = None
-        mtp_balance = zero
+        mtp_balance = mtp_balance_batch = zero
         if mtp and self.mtp is not None:
-            mtp_logits, mtp_counts, mtp_balance = self._mtp_forward(hidden, tokens_BT, cos, sin, mask, remat,
-                                                                    segment_ids_BT)
-        return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden)
+            mtp_logits, mtp_counts, mtp_balance, mtp_balance_batch = self._mtp_forward(
+                hidden, tokens_BT, cos, sin, mask, remat, segment_ids_BT)
+        return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden, balance_batch,
+                           mtp_balance_batch)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=(), **kwargs):
@@ -247,5 +251,5 @@ class Transformer(nnx.Module):
         # h^0 is the main model's normalised output, the hidden state the serving engines hand to MTP.
         _, (mtp_logits, aux) = scan_layers(self.mtp, body, hidden_BTD, emb_DBTD, remat=remat)
         if aux is None:
-            return mtp_logits, None, jnp.zeros((), jnp.float32)
-        return mtp_logits, aux.counts_E, jnp.sum(aux.balance)
+            return mtp_logits, None, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+        return mtp_logits, aux.counts_E, jnp.sum(aux.balance), jnp.sum(aux.balance_batch)

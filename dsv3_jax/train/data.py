@@ -3,7 +3,9 @@
 Documents are tokenized once, each followed by EOS, and packed back to back into one token stream that is cut
 into non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets). As in the paper's document
 packing (paper §4.1; reference §7) there is no cross-document attention mask; with a ``fim_rate`` (the paper: 0.1)
-documents become Prefix-Suffix-Middle fill-in-the-middle examples. Window order is a
+documents become Prefix-Suffix-Middle fill-in-the-middle examples. A held-out fraction of whole documents (chosen by
+a hash of each document's opening text, so independent of the run's seed and settings) can be split off into a
+separate stream for validation. Window order is a
 per-epoch permutation seeded by ``(seed, epoch)``, so the count of sequences consumed is the whole data-loader
 state and a resumed run sees bit-identical batches.
 
@@ -17,6 +19,7 @@ import codecs
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -512,13 +515,37 @@ def fim_document(text: str, tokenizer: Tokenizer, rng: np.random.Generator) -> l
     return [begin] + pre + [hole] + suf + [end] + middle
 
 
+SPLITS = ("train", "heldout")
+
+
+def is_heldout(first_piece: str, fraction: float) -> bool:
+    """Whether a text document whose first non-empty piece is ``first_piece`` belongs to the held-out split: a
+    64-bit BLAKE2b hash of that text, as a fraction of 2^64, below ``fraction``."""
+    h = int.from_bytes(hashlib.blake2b(first_piece.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h / 2.0 ** 64 < fraction
+
+
+def heldout_token_count(n: int, fraction: float) -> int:
+    """Tokens of a pre-tokenized input of ``n`` tokens that go to the held-out split: its last floor(n * fraction)."""
+    return int(n * fraction)
+
+
+def _split_tokens(tokens: np.ndarray, fraction: float, split: str) -> np.ndarray:
+    h = heldout_token_count(int(tokens.size), fraction)
+    return tokens[tokens.size - h:] if split == "heldout" else tokens[:tokens.size - h]
+
+
 def prepare_tokens(inputs: Iterable[str | os.PathLike | DataInput], tokenizer: Tokenizer | None,
                    cache_dir: str | os.PathLike, vocab_size: int, *, text_key: str = "text",
-                   bin_dtype: str = "uint16", fim_rate: float = 0.0, fim_seed: int = 0) -> np.ndarray:
+                   bin_dtype: str = "uint16", fim_rate: float = 0.0, fim_seed: int = 0,
+                   heldout_fraction: float = 0.0, split: str = "train") -> np.ndarray:
     """The token stream of ``inputs`` as a read-only 1-D uint16/uint32 memmap, cached in ``cache_dir``.
 
     With ``fim_rate`` > 0 each text document is, with that probability, rewritten as a fill-in-the-middle example
-    (``fim_document``; draws seeded by ``fim_seed`` and the input's index); pre-tokenized inputs stay as they are."""
+    (``fim_document``; draws seeded by ``fim_seed`` and the input's index); pre-tokenized inputs stay as they are.
+    With ``heldout_fraction`` > 0 the stream holds only the documents of ``split``: "heldout" the text documents
+    for which ``is_heldout`` holds and the last ``heldout_token_count`` tokens of each pre-tokenized input,
+    "train" the rest (the two streams are disjoint). ValueError when the chosen split is empty."""
     resolved = resolve_inputs(inputs, text_key=text_key, bin_dtype=bin_dtype)
     has_text = any(inp.kind in TEXT_KINDS for inp in resolved)
     _check_vocab(tokenizer, vocab_size, has_text)
@@ -526,15 +553,34 @@ def prepare_tokens(inputs: Iterable[str | os.PathLike | DataInput], tokenizer: T
         raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate!r}")
     if fim_rate > 0 and has_text:
         fim_ids(tokenizer)
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "heldout" and heldout_fraction == 0:
+        raise ValueError("split='heldout' needs heldout_fraction > 0")
     token_inputs = {i: _open_tokens(inp, vocab_size) for i, inp in enumerate(resolved) if inp.kind in TOKEN_KINDS}
     if len(resolved) == 1 and 0 in token_inputs and token_inputs[0].dtype.name in BIN_DTYPES:
-        return token_inputs[0]  # one pre-tokenized file: used in place
+        # one pre-tokenized file: used in place
+        out = _split_tokens(token_inputs[0], heldout_fraction, split)
+        if out.size == 0:
+            raise ValueError(f"the {split} split of {resolved[0].path} holds no tokens (heldout_fraction "
+                             f"{heldout_fraction:g} of {token_inputs[0].size} tokens)")
+        return out
+    select = None
+    if heldout_fraction > 0:
+        want = split == "heldout"
+
+        def select(first_piece: str) -> bool:
+            return is_heldout(first_piece, heldout_fraction) == want
 
     dtype = token_dtype(vocab_size)
     key = {"format": _CACHE_FORMAT, "dtype": dtype.name, "vocab_size": vocab_size,
            "inputs": [_input_fingerprint(inp) for inp in resolved],
            "tokenizer": hashlib.sha256(tokenizer.to_json().encode()).hexdigest() if has_text else None,
            "fim": [fim_rate, fim_seed] if fim_rate > 0 and has_text else None}
+    if heldout_fraction > 0:
+        key["split"] = [split, heldout_fraction]
     digest = _sha(key)
     cache_dir = pathlib.Path(cache_dir)
     bin_path, meta_path = cache_dir / f"tokens-{digest}.bin", cache_dir / f"tokens-{digest}.json"
@@ -551,12 +597,16 @@ def prepare_tokens(inputs: Iterable[str | os.PathLike | DataInput], tokenizer: T
             count = 0
             for i, inp in enumerate(resolved):
                 if i in token_inputs:
-                    n = _copy_tokens(token_inputs[i], dtype, f)
+                    n = _copy_tokens(_split_tokens(token_inputs[i], heldout_fraction, split), dtype, f)
                 else:
-                    n = _write_documents(inp, tokenizer, dtype, f, fim_rate, np.random.default_rng([fim_seed, i]))
-                    if n == 0:
+                    n = _write_documents(inp, tokenizer, dtype, f, fim_rate, np.random.default_rng([fim_seed, i]),
+                                         select)
+                    if n == 0 and select is None:
                         raise ValueError(f"data file {inp.path} holds no text (no tokens)")
                 count += n
+            if count == 0:
+                raise ValueError(f"the {split} split (heldout_fraction {heldout_fraction:g}) of the data holds no "
+                                 f"documents: {', '.join(str(inp.path) for inp in resolved)}")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, bin_path)
@@ -577,9 +627,10 @@ def _copy_tokens(tokens: np.ndarray, dtype: np.dtype, f) -> int:
 
 
 def _write_documents(inp: DataInput, tokenizer: Tokenizer, dtype: np.dtype, f, fim_rate: float = 0.0,
-                     rng: np.random.Generator | None = None) -> int:
-    """Tokenize each document of ``inp`` (a fraction ``fim_rate`` of them as FIM examples, drawn from ``rng``),
-    append EOS after each, write; return the token count."""
+                     rng: np.random.Generator | None = None, select=None) -> int:
+    """Tokenize each document of ``inp`` (a fraction ``fim_rate`` of them as FIM examples, drawn from ``rng``;
+    only those whose first non-empty piece passes ``select`` when given), append EOS after each, write; return the
+    token count."""
     out_dtype = dtype.newbyteorder("<")
     count = 0
     batch: list[str] = []
@@ -600,6 +651,11 @@ def _write_documents(inp: DataInput, tokenizer: Tokenizer, dtype: np.dtype, f, f
         return int(flat.size)
 
     for doc in _documents(inp):
+        if select is not None:
+            first = next((piece for piece in doc if piece), None)
+            if first is None or not select(first):
+                continue
+            doc = itertools.chain((first,), doc)
         if fim_rate > 0 and rng.random() < fim_rate:
             count += flush()
             chars = 0

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.config import ModelConfig, get_preset
+from dsv3_jax.config import ModelConfig, apply_overrides, get_preset
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.precision import Precision
 from dsv3_jax.train import data as data_lib
@@ -30,7 +30,8 @@ from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import (PAPER_FINAL_LR, PAPER_MTP_WEIGHT_LATE, PAPER_PEAK_LR, batch_size_schedule,
                                   bias_update_speed_schedule, constant_schedule, lr_schedule, make_optimizer,
                                   mtp_weight_schedule)
-from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+from dsv3_jax.train.heldout import Evaluator, eval_windows
+from dsv3_jax.train.step import BALANCE_SCOPES, StepConfig, init_state, make_train_step, split_model
 from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
 from sharding.pipeline import SCHEDULES, make_schedule
 from sharding.pipeline_exec import check_stage_split
@@ -75,6 +76,23 @@ class RunArgs:
     init: str | None = None  # continue pretraining from this work directory / released checkpoint's weights
     yarn_factor: float | None = None  # with init: switch the rope to YaRN with this scale factor (paper §4.3)
     yarn_original_len: int | None = None  # YaRN's original length (default: the init run's --seq-len)
+    # research switches (issue 11): load balancing, MTP, model-config overrides, FIM, held-out evaluation
+    balance: str = "aux-free"  # "aux-free" (bias rule + alpha 1e-4), "aux-loss" (no bias, alpha 1e-3), "none"
+    balance_scope: str = "sequence"  # balance term over each sequence (eqs. 17-20) or the batch (§4.5.3)
+    balance_alpha: float | None = None  # override of the strategy's alpha
+    gamma: float | None = None  # constant bias update speed (aux-free only; default the paper's schedule)
+    mtp_depth: int | None = None  # ModelConfig.num_mtp_layers override (0: no MTP)
+    mtp_weight: float | None = None  # constant MTP loss weight (default the 0.3 -> 0.1 schedule)
+    set: list[str] | None = None  # ModelConfig overrides "KEY=VALUE"
+    fim_rate: float = 0.1  # paper §4.1: Prefix-Suffix-Middle rate of text documents (0: off)
+    eval_fraction: float = 0.01  # held-out fraction of whole documents (0: no held-out split)
+    eval_every: int = 0  # held-out evaluation every N steps and at the end (0: off)
+    eval_batches: int = 4  # micro-batches per evaluated set
+    eval_data: list[str] | None = None  # extra evaluation sets "NAME=PATH" (per-domain expert loads)
+
+
+BALANCE_MODES = ("aux-free", "aux-loss", "none")
+DEFAULT_BALANCE_ALPHA = {"aux-free": 1e-4, "aux-loss": 1e-3, "none": 0.0}  # aux-loss: our choice (paper: none given)
 
 
 class TrainingInterrupted(Exception):
@@ -99,6 +117,87 @@ def _validate(args: RunArgs) -> None:
     _validate_pipeline(args)
     if args.zero not in ZERO_MODES:
         raise ValueError(f"zero must be one of {ZERO_MODES}, got {args.zero!r}")
+    _validate_switches(args)
+
+
+def _validate_switches(args: RunArgs) -> None:
+    """ValueError naming the flag for a bad research switch (balance, MTP, FIM, held-out evaluation)."""
+    if args.balance not in BALANCE_MODES:
+        raise ValueError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {args.balance!r}")
+    if args.balance_scope not in BALANCE_SCOPES:
+        raise ValueError(f"--balance-scope must be one of {', '.join(BALANCE_SCOPES)}, got {args.balance_scope!r}")
+    if args.balance_scope != "sequence" and args.pipeline is not None:
+        raise ValueError("--balance-scope batch is not implemented with --pipeline (the pipeline executor computes "
+                         "the sequence-wise term)")
+    if args.balance_alpha is not None:
+        if not args.balance_alpha >= 0:
+            raise ValueError(f"--balance-alpha must be >= 0, got {args.balance_alpha}")
+        if args.balance == "none" and args.balance_alpha != 0:
+            raise ValueError("--balance none has no balance loss; drop --balance-alpha")
+    if args.gamma is not None:
+        if not args.gamma >= 0:
+            raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
+        if args.balance != "aux-free" and args.gamma != 0:
+            raise ValueError(f"--gamma is the expert-bias update speed of --balance aux-free; --balance {args.balance} "
+                             "keeps the bias at zero")
+    if args.mtp_depth is not None and (not isinstance(args.mtp_depth, int) or args.mtp_depth < 0):
+        raise ValueError(f"--mtp-depth must be an integer >= 0, got {args.mtp_depth!r}")
+    if args.mtp_weight is not None and not args.mtp_weight >= 0:
+        raise ValueError(f"--mtp-weight must be >= 0, got {args.mtp_weight}")
+    if not 0 <= args.fim_rate <= 1:
+        raise ValueError(f"--fim-rate must be in [0, 1], got {args.fim_rate}")
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if not isinstance(args.eval_every, int) or args.eval_every < 0:
+        raise ValueError(f"--eval-every must be an integer >= 0, got {args.eval_every!r}")
+    if not isinstance(args.eval_batches, int) or args.eval_batches <= 0:
+        raise ValueError(f"--eval-batches must be a positive integer, got {args.eval_batches!r}")
+    if args.eval_every and args.eval_fraction == 0 and not args.eval_data:
+        raise ValueError("--eval-every needs something to evaluate: --eval-fraction > 0 or --eval-data NAME=PATH")
+    if args.eval_data and not args.eval_every:
+        raise ValueError("--eval-data is evaluated every --eval-every steps; pass --eval-every N")
+    _eval_data_sets(args)
+
+
+def _eval_data_sets(args: RunArgs) -> dict[str, str]:
+    """{name: path} of --eval-data NAME=PATH items; ValueError for a malformed, duplicate or reserved name."""
+    out: dict[str, str] = {}
+    for item in args.eval_data or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--eval-data {item!r}: expected NAME=PATH")
+        if name in out or name == "heldout":
+            raise ValueError(f"--eval-data {name}: the name is given twice or is the reserved 'heldout'")
+        out[name] = path
+    return out
+
+
+def balance_settings(args: RunArgs) -> tuple[float, float | None]:
+    """(balance-loss alpha, constant bias speed or None for the schedule) of --balance/--balance-alpha/--gamma:
+    aux-loss and none keep the zero-initialised expert bias at zero (speed 0), so routing runs without bias."""
+    alpha = DEFAULT_BALANCE_ALPHA[args.balance] if args.balance_alpha is None else args.balance_alpha
+    return alpha, (0.0 if args.balance != "aux-free" else args.gamma)
+
+
+def _switch_config(args: RunArgs, cfg: ModelConfig) -> ModelConfig:
+    """cfg with --set KEY=VALUE and --mtp-depth applied (validated)."""
+    if args.set:
+        cfg = apply_overrides(cfg, args.set)
+    if args.mtp_depth is not None:
+        cfg = cfg.replace(num_mtp_layers=args.mtp_depth)
+    return cfg
+
+
+def _check_resumed_data(args: RunArgs, saved: dict | None) -> None:
+    """ValueError when a resumed run's data switches differ from the checkpoint's (its data position would point
+    into another token stream). Runs saved before a switch existed used the value that means off."""
+    if saved is None:
+        return
+    for name, before in (("fim_rate", 0.0), ("eval_fraction", 0.0)):
+        old, new = saved.get(name, before), getattr(args, name)
+        if old != new:
+            raise ValueError(f"--resume: the run was trained with --{name.replace('_', '-')} {old}, got {new} (it "
+                             "changes the token stream)")
 
 
 def _validate_pipeline(args: RunArgs):
@@ -200,9 +299,28 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
         tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
     else:
         tokenizer = None
+    fim_rate = args.fim_rate if tokenizer is not None else 0.0  # pre-tokenized data: no FIM
     tokens = data_lib.prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
-                                     bin_dtype=args.data_dtype)
+                                     bin_dtype=args.data_dtype, fim_rate=fim_rate, fim_seed=args.seed,
+                                     heldout_fraction=args.eval_fraction, split="train")
     return tokenizer, tokens
+
+
+def _eval_sets(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, tokenizer, micro: int) -> dict:
+    """{name: windows [batches, micro, S]}: the held-out split (no FIM) and each --eval-data set."""
+    if not args.eval_every:
+        return {}
+    cache = workdir / "cache"
+    inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
+    streams = {}
+    if args.eval_fraction > 0:
+        streams["heldout"] = data_lib.prepare_tokens(inputs, tokenizer, cache, cfg.vocab_size,
+                                                     text_key=args.data_field, bin_dtype=args.data_dtype,
+                                                     heldout_fraction=args.eval_fraction, split="heldout")
+    for name, path in _eval_data_sets(args).items():
+        streams[name] = data_lib.prepare_tokens([path], tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
+                                                bin_dtype=args.data_dtype)
+    return {name: eval_windows(t, args.seq_len, args.eval_batches, micro, name) for name, t in streams.items()}
 
 
 def _abstract(tree):
@@ -388,11 +506,12 @@ def _put_rows(rows, spec: LoopSpec, size: int, sharding):
 
 
 def run_loop(session: Session, source: BatchSource, step_fn: Callable, spec: LoopSpec, meta_for: Callable[[int], dict],
-             metrics_extra: Callable[[Any], dict] | None = None) -> dict[str, Any]:
+             metrics_extra: Callable[[Any], dict] | None = None,
+             after_step: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
     """The step loop shared by every run: draw rows, step, log metrics.jsonl, skip/restore on spikes, save every
     spec.save_every steps and at spec.stop, save and raise TrainingInterrupted on Ctrl-C/SIGTERM. Returns
     {"state", "first_loss", "last_loss"}; `meta_for(step)` is the checkpoint metadata (it may read
-    session.position)."""
+    session.position); `after_step(step, state)` (e.g. held-out evaluation) runs after each step's log row."""
     ckpt, mesh = session.ckpt, session.mesh
     state, start = session.state, session.start
     row_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, batch_spec(3, batch_dim=1))
@@ -441,6 +560,8 @@ def run_loop(session: Session, source: BatchSource, step_fn: Callable, spec: Loo
                 consecutive_skips = 0
             if spec.progress and session.main_process:
                 _progress(step + 1, spec.stop, row)
+            if after_step is not None:
+                after_step(step + 1, state)
             done = step + 1
             if done % spec.save_every == 0 or done == spec.stop:
                 ckpt.save(done, flat_state(state), meta_for(done))
@@ -555,6 +676,9 @@ def train(args: RunArgs) -> dict[str, Any]:
         if args.yarn_factor is not None or args.yarn_original_len is not None:
             raise ValueError("--yarn-factor extends a trained run's context: it needs --init DIR")
         cfg, model_name = _model_config(args)
+        cfg = _switch_config(args, cfg)
+    if init is not None and (args.set or args.mtp_depth is not None):
+        raise ValueError("--set / --mtp-depth change the model; --init continues a checkpoint's model as it is")
     workdir, ckpt = open_workdir(args.workdir, args.resume, args.keep)
     data_lib.check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
@@ -574,8 +698,15 @@ def train(args: RunArgs) -> dict[str, Any]:
         peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
         schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
                          mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
+    alpha, gamma = balance_settings(args)
+    if gamma is not None:
+        schedules["gamma"] = constant_schedule(gamma)
+    if args.mtp_weight is not None:
+        schedules["mtp"] = constant_schedule(args.mtp_weight)
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
                             micro=micro, zero=args.zero, resume=args.resume, init=init)
+    if args.resume:
+        _check_resumed_data(args, (session.meta or {}).get("run_args"))
     mesh, main_process = session.mesh, session.main_process
     saved_tokenizer = (session.meta or {}).get("tokenizer")
     if saved_tokenizer is None and init_tokenizer is not None:
@@ -586,14 +717,16 @@ def train(args: RunArgs) -> dict[str, Any]:
     if not main_process:
         _barrier("dsv3_data_ready")  # process 0 builds the tokenizer and token caches first
     tokenizer, tokens = _tokenizer_and_tokens(args, cfg, workdir, saved_tokenizer, new_tokenizer_ok=init is None)
+    eval_sets = _eval_sets(args, cfg, workdir, tokenizer, micro)
     if main_process:
         _barrier("dsv3_data_ready")
     batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
     stop = args.stop_at or args.steps
 
     step_fn = make_train_step(session.graphdef, session.optimizer,
-                              StepConfig(remat=args.remat, spike_factor=args.spike_factor,
-                                         spike_warmup=args.spike_warmup), mesh, session.shardings, schedule)
+                              StepConfig(balance_alpha=alpha, balance_scope=args.balance_scope, remat=args.remat,
+                                         spike_factor=args.spike_factor, spike_warmup=args.spike_warmup),
+                              mesh, session.shardings, schedule)
     spec = LoopSpec(stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len,
                     lr=schedules["lr"], batch_size=schedules["batch"], mtp=schedules["mtp"], gamma=schedules["gamma"],
                     save_every=args.save_every, max_spikes=args.max_spikes, progress=args.progress,
@@ -602,6 +735,10 @@ def train(args: RunArgs) -> dict[str, Any]:
     mesh_note = "" if mesh is None else ", mesh " + ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
     if schedule is not None:
         mesh_note += f", pipeline {args.pipeline} x {schedule.microbatches} micro-batches"
+    if (args.balance, args.balance_scope) != ("aux-free", "sequence") or args.balance_alpha is not None:
+        mesh_note += f", balance {args.balance} ({args.balance_scope}-wise, alpha {alpha:g})"
+    if args.eval_every:
+        mesh_note += f", held-out evaluation every {args.eval_every} steps on {', '.join(eval_sets)}"
     if cfg.uses_yarn and init is not None:
         mesh_note += (f", YaRN factor {cfg.rope_factor:g} over original length "
                       f"{cfg.rope_original_max_position_embeddings}")
@@ -617,7 +754,15 @@ def train(args: RunArgs) -> dict[str, Any]:
         return {"step": step, "position": session.position, "model_config": cfg.to_hf(),
                 "run_args": dataclasses.asdict(args), "tokenizer": None if tokenizer is None else tokenizer.to_json()}
 
-    result = run_loop(session, batches, step_fn, spec, meta_for)
+    evaluator = None
+    if eval_sets:
+        eval_path = workdir / "eval.jsonl"
+        if main_process:
+            _truncate_after(eval_path, session.start)
+        evaluator = Evaluator(session.graphdef, eval_sets, args.eval_every, stop, eval_path, mesh, main_process)
+    switches = {"balance": args.balance, "balance_scope": args.balance_scope, "balance_alpha": alpha}
+    result = run_loop(session, batches, step_fn, spec, meta_for, metrics_extra=lambda m: switches,
+                      after_step=evaluator)
     summary = {"steps_done": stop, "first_loss": result["first_loss"], "last_loss": result["last_loss"],
                "workdir": str(workdir)}
     if stop == args.steps and tokenizer is not None and args.sample_tokens:

@@ -54,14 +54,24 @@ def as_batch(windows) -> Batch:
     return batch
 
 
-def batch_loss_terms(model: Transformer, batch: Batch, mtp_weight, balance_alpha: float, remat: str = "none"):
-    """(loss, (ce, mtp, bal), out) of one micro-batch Batch [M, S]: loss = ce + mtp_weight * mtp + bal."""
+BALANCE_SCOPES = ("sequence", "batch")
+
+
+def batch_loss_terms(model: Transformer, batch: Batch, mtp_weight, balance_alpha: float, remat: str = "none",
+                     balance_scope: str = "sequence"):
+    """(loss, (ce, mtp, bal), out) of one micro-batch Batch [M, S]: loss = ce + mtp_weight * mtp + bal, bal =
+    alpha x the sequence-wise (eqs. 17-20) or batch-wise (§4.5.3, over the micro-batch's tokens) balance term."""
     tokens, seg = batch.tokens, batch.segment_ids
     out = model.forward(tokens[:, :-1], segment_ids_BT=None if seg is None else seg[:, :-1], remat=remat)
     ce = cross_entropy(out.logits, tokens[:, 1:], target_weights(tokens.shape, 1, batch.loss_mask, seg))
     mtp = (jnp.zeros((), jnp.float32) if out.mtp_logits is None
            else mtp_loss(out.mtp_logits, tokens, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg))
-    bal = balance_alpha * (out.balance + out.mtp_balance)
+    if balance_scope == "sequence":
+        bal = balance_alpha * (out.balance + out.mtp_balance)
+    elif balance_scope == "batch":
+        bal = balance_alpha * (out.balance_batch + out.mtp_balance_batch)
+    else:
+        raise ValueError(f"balance scope must be one of {BALANCE_SCOPES}, got {balance_scope!r}")
     return ce + mtp_weight * mtp + bal, (ce, mtp, bal), out
 
 
@@ -69,7 +79,8 @@ def batch_loss_terms(model: Transformer, batch: Batch, mtp_weight, balance_alpha
 class StepConfig:
     """What the step computes besides the model: loss weights, recomputation and the spike guard."""
 
-    balance_alpha: float = 1e-4  # paper §4.2: sequence-wise balance factor
+    balance_alpha: float = 1e-4  # paper §4.2: sequence-wise balance factor (0: no balance loss)
+    balance_scope: str = "sequence"  # "sequence" (eqs. 17-20) or "batch" (§4.5.3: f, P over the micro-batch)
     remat: str = "none"  # "none" | "paper" | "full" (see model.params.remat_policy)
     spike_factor: float = 3.0  # a loss above spike_factor x running mean is a spike (0 disables)
     spike_warmup: int = 20  # steps before spikes are judged (the loss falls fast at first)
@@ -159,7 +170,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
     def loss_fn(params, bias, batch_MS: Batch, mtp_weight, teacher=None):
         batch_MS = jax.tree.map(lambda a: constrain(a, ("batch", None)), batch_MS)
         model = nnx.merge(graphdef, params, bias)
-        loss, (ce, mtp, bal), out = batch_loss_terms(model, batch_MS, mtp_weight, sc.balance_alpha, sc.remat)
+        loss, (ce, mtp, bal), out = batch_loss_terms(model, batch_MS, mtp_weight, sc.balance_alpha, sc.remat,
+                                                     sc.balance_scope)
         kl = jnp.zeros((), jnp.float32)
         if distill is not None:
             loss, kl = _distill_terms(distill, teacher, batch_MS, out.logits, loss, ce)
@@ -168,8 +180,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         mtp_counts = zeros if out.mtp_expert_counts is None else out.mtp_expert_counts
         return loss, (ce, mtp, bal, counts, mtp_counts, kl)
 
+    if sc.balance_scope not in BALANCE_SCOPES:
+        raise ValueError(f"StepConfig.balance_scope must be one of {BALANCE_SCOPES}, got {sc.balance_scope!r}")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if schedule is not None:
+        if sc.balance_scope != "sequence":
+            raise ValueError("make_train_step: the pipeline executor computes the sequence-wise balance term only "
+                             "(--balance-scope batch is not implemented with --pipeline)")
         if distill is not None:
             raise ValueError("make_train_step: logit distillation does not run through the pipeline executor")
         if mesh is None:

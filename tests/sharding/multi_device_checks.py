@@ -49,7 +49,7 @@ def gradient_checks(out):
         o = m.forward(window[:, :-1])
         loss = cross_entropy(o.logits, window[:, 1:]) + 0.3 * mtp_loss(o.mtp_logits, window) + 1e-4 * (
             o.balance + o.mtp_balance)
-        return loss, (o.expert_counts, o.mtp_expert_counts)
+        return loss, (o.expert_counts, o.mtp_expert_counts, o.balance_batch + o.mtp_balance_batch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss0, counts0), grads0 = jax.jit(grad_fn)(params, bias, tokens)
@@ -68,6 +68,7 @@ def gradient_checks(out):
         out[spec] = {"loss_rel": rel_err(loss1, loss0), "grad_rel_max": max(errs), "n_grads": len(errs),
                      "counts_equal": bool(np.array_equal(counts1[0], counts0[0])
                                           and np.array_equal(counts1[1], counts0[1])),
+                     "balance_batch_rel": rel_err(counts1[2], counts0[2]),
                      "experts_sharded": expert_sharded}
 
 

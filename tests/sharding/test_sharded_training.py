@@ -87,6 +87,7 @@ def test_loss_and_gradients_equal_single_device(runs, spec):
     assert r["loss_rel"] <= 1e-6
     assert r["grad_rel_max"] <= 1e-5, r  # every parameter's gradient, relative to its norm
     assert r["n_grads"] > 40 and r["counts_equal"]
+    assert r["balance_batch_rel"] <= 1e-6, r  # batch-wise balance term: global f and P under expert parallelism
     assert r["experts_sharded"] == ("ep" in spec)
 
 
