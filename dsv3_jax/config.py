@@ -399,17 +399,13 @@ def _parse_field_value(name: str, annotation: str, text: str) -> Any:
 def apply_overrides(cfg: ModelConfig, items: list[str] | tuple[str, ...]) -> ModelConfig:
     """`cfg` with KEY=VALUE overrides of its fields (values parsed as the field's type), validated; ValueError naming
     an unknown field, a malformed item or a bad value."""
+    from dsv3_jax.options import key_values
+
     fields = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
     changes: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    for key, text in key_values(items, "--set").items():
         if key not in fields:
             raise ValueError(f"--set {key}: ModelConfig has no field {key!r}")
-        if key in changes:
-            raise ValueError(f"--set {key} given twice")
         changes[key] = _parse_field_value(key, fields[key], text)
     try:
         return cfg.replace(**changes)

@@ -41,6 +41,7 @@ from flax import nnx
 from dsv3_jax.balance import update_expert_bias
 from dsv3_jax.inference.generate import generate
 from dsv3_jax.losses import token_logprobs
+from dsv3_jax.options import key_values
 from dsv3_jax.posttrain.chat import chat_tokenizer, render_prompt
 from dsv3_jax.posttrain.rewards import REWARDS, RewardFn, compute_rewards, parse_reward_weights
 from dsv3_jax.posttrain.tasks import TASKS, load_problems, make_problems, problem_scorer, score, task_options
@@ -510,12 +511,9 @@ def run_grpo(args: GRPOArgs, rules: Mapping[str, RewardFn] = REWARDS) -> dict[st
 def parse_task_options(specs: Sequence[str] | None) -> tuple[tuple[str, int], ...]:
     """(("digits", 1), ...) from KEY=INT strings; ValueError on a malformed one."""
     out = []
-    for spec in specs or ():
-        key, sep, value = spec.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--task-option {spec!r}: expected KEY=INTEGER (e.g. digits=1)")
+    for key, value in key_values(specs, "--task-option", "KEY=INTEGER (e.g. digits=1)").items():
         try:
-            out.append((key.strip(), int(value)))
+            out.append((key, int(value)))
         except ValueError:
-            raise ValueError(f"--task-option {spec!r}: {value!r} is not an integer") from None
+            raise ValueError(f"--task-option {key}={value}: {value!r} is not an integer") from None
     return tuple(out)

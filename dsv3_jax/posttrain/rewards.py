@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from dsv3_jax.options import key_values
 from dsv3_jax.posttrain.tasks import Problem, score, well_formed
 
 RewardFn = Callable[[str, Problem, str, bool], float]
@@ -36,15 +37,10 @@ def parse_reward_weights(specs: Sequence[str] | None, known: Mapping[str, Reward
     if not specs:
         return dict(DEFAULT_WEIGHTS)
     weights: dict[str, float] = {}
-    for spec in specs:
-        name, sep, value = spec.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ValueError(f"--reward {spec!r}: expected NAME=WEIGHT (e.g. exact=1.0)")
+    for name, value in key_values(specs, "--reward", "NAME=WEIGHT (e.g. exact=1.0)").items():
+        spec = f"{name}={value}"
         if name not in known:
             raise ValueError(f"--reward {spec!r}: unknown reward {name!r}; known: {', '.join(sorted(known))}")
-        if name in weights:
-            raise ValueError(f"--reward {spec!r}: reward {name!r} given twice")
         try:
             weights[name] = float(value)
         except ValueError:

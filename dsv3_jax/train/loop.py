@@ -23,6 +23,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig, apply_overrides, get_preset
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.options import key_values
 from dsv3_jax.precision import Precision
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
@@ -161,14 +162,9 @@ def _validate_switches(args: RunArgs) -> None:
 
 def _eval_data_sets(args: RunArgs) -> dict[str, str]:
     """{name: path} of --eval-data NAME=PATH items; ValueError for a malformed, duplicate or reserved name."""
-    out: dict[str, str] = {}
-    for item in args.eval_data or ():
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--eval-data {item!r}: expected NAME=PATH")
-        if name in out or name == "heldout":
-            raise ValueError(f"--eval-data {name}: the name is given twice or is the reserved 'heldout'")
-        out[name] = path
+    out = key_values(args.eval_data, "--eval-data", "NAME=PATH")
+    if "heldout" in out:
+        raise ValueError("--eval-data heldout: the name 'heldout' is reserved for the run's own held-out split")
     return out
 
 
