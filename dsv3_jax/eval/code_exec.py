@@ -6,6 +6,7 @@ processes), in an empty temporary working directory."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_size_mb: int = 16) -> ExecResult:
     """Execute `source` in `python -I` in a temporary directory with the limits above; passed iff it exits 0."""
-    limits = dict(cpu=max(1, int(np.ceil(timeout))), mem=memory_mb * 2**20, fsize=file_size_mb * 2**20)
+    # The CPU limit sits a second past the wall-clock timeout, which normally fires first; a program the CPU limit
+    # stops anyway (SIGXCPU, then SIGKILL) also counts as a timeout.
+    limits = dict(cpu=int(np.ceil(timeout)) + 1, mem=memory_mb * 2**20, fsize=file_size_mb * 2**20)
     with tempfile.TemporaryDirectory(prefix="dsv3-eval-") as cwd:
         with open(os.path.join(cwd, "program.py"), "w") as f:
             f.write(source)
@@ -73,5 +76,7 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_s
             _, err = proc.communicate()
             return ExecResult(False, "timeout", err.decode("utf-8", errors="replace")[-2000:])
     tail = err.decode("utf-8", errors="replace")[-2000:]
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return ExecResult(False, "timeout", tail)
     return ExecResult(proc.returncode == 0, "passed" if proc.returncode == 0 else "failed", tail)
 

@@ -43,6 +43,12 @@ def test_endless_loop_times_out():
     assert r.status == "timeout" and not r.passed
 
 
+def test_cpu_limit_counts_as_timeout():
+    """The CPU-seconds limit ends a program with SIGXCPU: reported as a timeout, not a failure."""
+    r = run_program("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)\n", timeout=5.0)
+    assert r.status == "timeout" and not r.passed
+
+
 def test_memory_limit():
     r = run_program("x = bytearray(2 * 1024**3)\n", memory_mb=512)
     assert r.status == "failed" and "MemoryError" in r.stderr
