@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+
 class _Dynamic:
     """Hashable marker standing for an array leaf in the static part of the arguments."""
 
