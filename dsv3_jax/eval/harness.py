@@ -13,7 +13,8 @@ import numpy as np
 
 from dsv3_jax.eval.code_exec import pass_at_k, run_program
 from dsv3_jax.eval.passkey import make_passkey_problems, passkey_score
-from dsv3_jax.eval.scoring import bucket_length, loglikelihood, rolling_windows
+from dsv3_jax.eval.scoring import loglikelihood, rolling_windows
+from dsv3_jax.inference.generate import generate_batched
 from dsv3_jax.eval.tasks import Task
 
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -111,41 +112,17 @@ def generate_texts(model, tokenizer, bos, prompts: Sequence[str], settings: Eval
                    temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Continuations of text prompts (BOS first; or as chat user turns with settings.chat), decoded up to the first
     EOS; batched in fixed shapes."""
-    cfg = model.config
-    max_pos = cfg.max_position_embeddings
-    eos = cfg.eos_token_id
+    eos = model.config.eos_token_id
     if settings.chat:
         from dsv3_jax.posttrain.chat import render_prompt
 
         ids = [render_prompt(p, tokenizer) for p in prompts]
     else:
         ids = [_bos(bos) + tokenizer.encode(p) for p in prompts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise ValueError(f"prompt {i} is empty and the model has no BOS token")
-        if len(p) + max_new_tokens > max_pos:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} it exceeds the "
-                             f"model's context of {max_pos}")
-    texts: list[str] = [""] * len(ids)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    b = settings.batch_size
-    for n_batch, start in enumerate(range(0, len(order), b)):
-        idx = order[start:start + b]
-        t = min(bucket_length(max(len(ids[i]) for i in idx), max_pos), max_pos - max_new_tokens)
-        batch = np.zeros((b, t), np.int32)
-        lengths = np.ones((b,), np.int32)
-        for r, i in enumerate(idx):
-            batch[r, :len(ids[i])] = ids[i]
-            lengths[r] = len(ids[i])
-        out = model.generate(batch, max_new_tokens, temperature=temperature, top_k=settings.top_k,
-                             top_p=settings.top_p, seed=seed + n_batch, stop_tokens=[] if eos is None else [eos],
-                             prompt_lengths=lengths)
-        for r, i in enumerate(idx):
-            new = [int(x) for x in out[r, lengths[r]:lengths[r] + max_new_tokens]]
-            if eos is not None and eos in new:
-                new = new[:new.index(eos)]
-            texts[i] = tokenizer.decode(new)
-    return texts
+    outs = generate_batched(model, ids, max_new_tokens, batch_size=settings.batch_size, temperature=temperature,
+                            top_k=settings.top_k, top_p=settings.top_p, seed=seed,
+                            stop_tokens=[] if eos is None else [eos])
+    return [tokenizer.decode(new) for new, _ in outs]
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax.inference.generate import bucket_length
 from dsv3_jax.losses import token_logprobs
 
-MIN_BUCKET = 16
 
 
 class Loglik(NamedTuple):
@@ -32,14 +32,6 @@ def _score(graphdef, state, tokens_BT, targets_BT):
     """Per-position log-probability of the targets and whether each is the argmax, [B, T] each."""
     logits_BTV = nnx.merge(graphdef, state)(tokens_BT)
     return token_logprobs(logits_BTV, targets_BT), jnp.argmax(logits_BTV, axis=-1) == targets_BT
-
-
-def bucket_length(n: int, max_len: int) -> int:
-    """The padded length of an n-token input: the next power of two (at least MIN_BUCKET), capped at max_len."""
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
-    return min(b, max_len)
 
 
 def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,

@@ -117,6 +117,51 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     return out
 
 
+MIN_BUCKET = 16  # shortest padded prompt length of generate_batched (and of eval's scoring batches)
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    """The padded length of an n-token input: the next power of two (at least MIN_BUCKET), capped at max_len."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, max_len)
+
+
+def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch_size: int = 8,
+                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                     stop_tokens: Sequence[int] = ()) -> list[tuple[list[int], bool]]:
+    """(new ids before the first stop token, whether one came) for each prompt of any length, in input order.
+
+    Prompts run longest first in batches of batch_size rows padded to a power-of-two length, so a run compiles
+    once per length bucket; batch n samples with seed + n. ValueError when a prompt is empty or does not fit the
+    model's context together with max_new_tokens."""
+    max_pos = model.config.max_position_embeddings
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > max_pos:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} it exceeds the "
+                             f"model's context of {max_pos}")
+    results: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for n_batch, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start:start + batch_size]
+        t = min(bucket_length(len(prompts[idx[0]]), max_pos), max_pos - max_new_tokens)
+        batch = np.zeros((batch_size, t), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for r, i in enumerate(idx):
+            batch[r, :len(prompts[i])] = prompts[i]
+            lengths[r] = len(prompts[i])
+        out = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed + n_batch, stop_tokens=stop_tokens, prompt_lengths=lengths)
+        for r, i in enumerate(idx):
+            new = [int(x) for x in out[r, lengths[r]:lengths[r] + max_new_tokens]]
+            stop = next((j for j, x in enumerate(new) if x in stop_tokens), None)
+            results[i] = (new, False) if stop is None else (new[:stop], True)
+    return results
+
+
 def _last_logits_step(dec: Decoder, state, layer_states, tokens_BT, positions_BT, cache, last_B):
     """Run the model over new tokens against the cache; each row's logits [B, V] at its position last_B."""
     logits, _, cache = dec.forward(state, layer_states, tokens_BT, positions_BT, cache)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
+from dsv3_jax.inference.generate import generate_batched
 from dsv3_jax.jsonl import read_objects
 from dsv3_jax.posttrain.chat import check_messages, render
 
@@ -58,27 +57,18 @@ def distill_data(teacher: str, prompts: str, out: str, samples: int = 1, tempera
         if len(ids) + max_new_tokens > limit:
             raise ValueError(f"{where}: {len(ids)} prompt tokens + --max-new-tokens {max_new_tokens} exceed the "
                              f"teacher's max_position_embeddings {limit}")
+    answers = generate_batched(model, [ids for _, ids in jobs], max_new_tokens, batch_size=batch,
+                               temperature=temperature, top_p=top_p, seed=seed, stop_tokens=[eos])
     written = truncated = 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for b0 in range(0, len(jobs), batch):
-            chunk = jobs[b0:b0 + batch]
-            lengths = np.asarray([len(ids) for _, ids in chunk])
-            prompt = np.zeros((len(chunk), lengths.max()), np.int32)
-            for i, (_, ids) in enumerate(chunk):
-                prompt[i, :len(ids)] = ids
-            gen = model.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b0,
-                                 stop_tokens=[eos], prompt_lengths=lengths)
-            for i, (messages, ids) in enumerate(chunk):
-                new = [int(t) for t in gen[i, len(ids):len(ids) + max_new_tokens]]
-                finished = eos in new
-                answer = tokenizer.decode(new[:new.index(eos)] if finished else new)
-                row = {"messages": messages + [{"role": "assistant", "content": answer}]}
-                if not finished:
-                    row["truncated"] = True
-                    truncated += 1
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                written += 1
+        for (messages, _), (new, finished) in zip(jobs, answers):
+            row = {"messages": messages + [{"role": "assistant", "content": tokenizer.decode(new)}]}
+            if not finished:
+                row["truncated"] = True
+                truncated += 1
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            written += 1
     os.replace(tmp, out)
     return {"prompts": len(rows), "written": written, "truncated": truncated, "out": out}

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, apply_overrides, get_preset
+from dsv3_jax.inference.generate import generate_batched
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.options import key_values
 from dsv3_jax.precision import Precision
@@ -596,10 +597,7 @@ def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int) -> str:
     if n_new <= 0:
         return prompt
     eos = tokenizer.eos_id
-    out = model.generate(np.asarray([ids], np.int32), n_new, stop_tokens=[] if eos is None else [eos])
-    new = [int(t) for t in out[0, len(ids):]]
-    if eos is not None and eos in new:
-        new = new[:new.index(eos)]
+    [(new, _)] = generate_batched(model, [ids], n_new, batch_size=1, stop_tokens=[] if eos is None else [eos])
     return prompt + tokenizer.decode(new)
 
 
