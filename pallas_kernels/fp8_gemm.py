@@ -6,8 +6,10 @@ activations quantized per 128x1 tile and transposed, §5.3). Each 128-wide K sli
 multiplied with FP32 accumulation and promoted into the FP32 accumulator with its scales applied there:
 ``acc += (a_blk @ b_blk^T) * a_s[:, kb][:, None] * b_s[n // 128, kb][None, :]``; the output is cast once at the end.
 
-``fp8_gemm`` is the public entry point: a Pallas kernel (grid over M and N blocks, a loop over the 128-wide K
-blocks inside) on GPU, the plain-jnp ``fp8_gemm_ref`` elsewhere; both have the same signature.
+``fp8_gemm`` is the public entry point: a Pallas kernel on GPU, the plain-jnp ``fp8_gemm_ref`` elsewhere; both have
+the same signature. On GPU there are two kernels: the Mosaic GPU one (``fp8_gemm_mosaic``: FP8 ``wgmma``, Hopper
+only, the default there) and the Triton one below (grid over M and N blocks, a loop over the 128-wide K blocks
+inside; the fallback, and the one interpret mode runs).
 
 Dimension letters: M rows of A, N rows of B (out features), K contraction, k the K block index (nK blocks), b the
 offset within a K block.
@@ -22,11 +24,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._select import check_block, next_pow2, resolve_impl, round_up
+from pallas_kernels.fp8_gemm_mosaic import MosaicConfig, fp8_gemm_mosaic_padded
 
 BLOCK_K = 128  # the scale granularity along K; DeepGEMM asserts BLOCK_K == 128
 BLOCK_N = 128  # one weight-scale block per output tile, so the B scale is a scalar per (tile, K block)
 DEFAULT_BLOCK_M = 64
 W_GRANULARITIES = ("block", "row")
+BACKENDS = ("mosaic", "triton")
 
 
 def _check_shapes(x_q, x_s, w_q, w_s, w_granularity: str = "block") -> None:
@@ -194,13 +198,48 @@ def _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype, block_m: int, interpret: boo
     return out[:M, :N]
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "w_granularity", "config"))
+def _fp8_gemm_mosaic(x_q, x_s, w_q, w_s, out_dtype, w_granularity: str, config: MosaicConfig):
+    """Pad to the Mosaic kernel's tiles (zeros: exact), lay the scales out MN-major, run it, slice the result."""
+    (M, K), N = x_q.shape, w_q.shape[0]
+    nK = x_s.shape[1]
+    Mp, Np = round_up(M, config.tile_m), round_up(N, config.tile_n)
+    nKp = round_up(nK, config.k_per_step)  # padded K blocks have zero data and zero scales
+    Kp = nKp * BLOCK_K
+    x_q = jnp.pad(x_q, ((0, Mp - M), (0, Kp - K)))
+    w_q = jnp.pad(w_q, ((0, Np - N), (0, Kp - K)))
+    xs_kM = jnp.pad(x_s.astype(jnp.float32).T, ((0, nKp - nK), (0, Mp - M)))
+    ws_kN = w_s.astype(jnp.float32).T
+    if w_granularity == "block":  # one scale per 128x128 block: repeated over its 128 output columns
+        ws_kN = jnp.repeat(ws_kN, BLOCK_N, axis=1)[:, :N]
+    ws_kN = jnp.pad(ws_kN, ((0, nKp - nK), (0, Np - N)))
+    return fp8_gemm_mosaic_padded(x_q, xs_kM, w_q, ws_kN, out_dtype, config)[:M, :N]
+
+
+def _resolve_backend(backend, operand_dtype, interpret: bool) -> str:
+    """The GPU kernel to run: Mosaic GPU for e4m3 on Hopper (FP8 wgmma), Triton otherwise and in interpret mode."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"fp8_gemm: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if interpret:
+        if backend == "mosaic":
+            raise ValueError("fp8_gemm: the Mosaic GPU kernel has no interpret mode (backend='mosaic' needs a GPU)")
+        return "triton"
+    if backend is not None:
+        return backend
+    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+    return "mosaic" if hopper and jnp.dtype(operand_dtype) == jnp.float8_e4m3fn else "triton"
+
+
 def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: str = "block", impl=None,
-             interpret=None, block_m: int = DEFAULT_BLOCK_M, dot_dtype=None):
+             interpret=None, block_m: int = DEFAULT_BLOCK_M, dot_dtype=None, backend=None,
+             mosaic: MosaicConfig | None = None):
     """Block-scaled FP8 GEMM x_q @ w_q^T -> [M, N] out_dtype: Pallas kernel on GPU, ``fp8_gemm_ref`` elsewhere.
 
     ``w_granularity`` "block" (w_s [nN, nK]) or "row" (w_s [N, nK]); ``impl`` forces "pallas" or "ref";
-    ``interpret`` runs the kernel in Pallas interpret mode (default off GPU); ``dot_dtype`` (kernel only) is the
-    dtype the tiles are converted to, exactly, for the MMA (default: e4m3, bf16 on Hopper).
+    ``interpret`` runs the kernel in Pallas interpret mode (default off GPU); ``backend`` picks the GPU kernel,
+    "mosaic" (FP8 wgmma, Hopper; the default there for e4m3) or "triton" (``block_m``, ``dot_dtype``: the dtype
+    the tiles are converted to, exactly, for the MMA; default e4m3, bf16 on Hopper); ``mosaic``: the Mosaic
+    kernel's tile sizes.
     """
     impl, interpret = resolve_impl(impl, interpret)
     check_block("fp8_gemm: block_m", block_m, minimum=16)
@@ -209,6 +248,9 @@ def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: str =
     _check_dot_dtype("fp8_gemm", x_q.dtype, dot_dtype)
     if impl == "ref":
         return fp8_gemm_ref(x_q, x_s, w_q, w_s, out_dtype=out_dtype, w_granularity=w_granularity)
+    if _resolve_backend(backend, x_q.dtype, interpret) == "mosaic":
+        return _fp8_gemm_mosaic(x_q, x_s, w_q, w_s, out_dtype=jnp.dtype(out_dtype), w_granularity=w_granularity,
+                                config=mosaic or MosaicConfig())
     return _fp8_gemm_pallas(x_q, x_s, w_q, w_s, out_dtype=jnp.dtype(out_dtype), block_m=block_m,
                             interpret=interpret, w_granularity=w_granularity,
                             dot_dtype=_resolve_dot_dtype(x_q.dtype, dot_dtype, interpret))

@@ -14,7 +14,10 @@ from pallas_kernels import fp8_gemm, fp8_gemm_ref
 
 IMPLS = ["pallas", "ref"]
 MODE = {"pallas": {"impl": "pallas", "interpret": True}, "ref": {"impl": "ref"}}  # kernel: interpret mode
-MODE["pallas_bf16_dot"] = {**MODE["pallas"], "dot_dtype": jnp.bfloat16}  # the Hopper default: tiles -> bf16 MMA
+MODE["pallas_bf16_dot"] = {**MODE["pallas"], "dot_dtype": jnp.bfloat16}  # Triton on Hopper: tiles -> bf16 MMA
+MODE["mosaic"] = {"impl": "pallas", "interpret": False, "backend": "mosaic"}  # FP8 wgmma (Hopper only)
+HOPPER = jax.default_backend() == "gpu" and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+MOSAIC = pytest.param("mosaic", marks=pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU FP8 kernel needs Hopper"))
 
 
 def _quantized(M, K, N, seed):
@@ -71,13 +74,36 @@ def _exact_operands(M, K, N, seed):
     return (x_q, x_s, w_q, w_s), x @ w.T
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["pallas_bf16_dot"])
+@pytest.mark.parametrize("impl", IMPLS + ["pallas_bf16_dot", MOSAIC])
 def test_fp8_gemm_exact_on_representable_inputs(impl):
     # Several M blocks (block_m 16), two N blocks with distinct weight scales, three K blocks (the last partial):
     # a scale applied to the wrong row, column block or K block changes the result.
     args, expected = _exact_operands(40, 300, 200, seed=1)
     out = fp8_gemm(*map(jnp.asarray, args), out_dtype=jnp.float32, **MODE[impl], block_m=16)
     np.testing.assert_array_equal(np.asarray(out), expected.astype(np.float32))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU FP8 kernel needs Hopper")
+@pytest.mark.parametrize("config", [dict(), dict(tile_m=64, tile_n=128, k_per_step=1),
+                                    dict(tile_m=64, tile_n=64, max_concurrent_steps=2)])
+def test_fp8_gemm_mosaic_configs_match_reference(ragged, outputs, config):
+    # FP8 wgmma accumulates with ~14 significant bits inside each 128-wide slice (paper §3.3.2: why promotion),
+    # so the kernel agrees with the FP32 reference to ~1e-4 per element, not bit for bit; a misplaced scale or tile
+    # gives calc_diff ~1e-1. The exact-arithmetic tests above check the indexing bit for bit.
+    from pallas_kernels.fp8_gemm_mosaic import MosaicConfig
+
+    (x, w), args = ragged
+    out = np.asarray(fp8_gemm(*args, out_dtype=jnp.float32, **MODE["mosaic"], mosaic=MosaicConfig(**config)))
+    assert calc_diff(out, outputs["ref"]) < 1e-6
+    assert calc_diff(out, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-3  # DeepGEMM's FP8xFP8 threshold
+
+
+def test_fp8_gemm_rejects_bad_backend(ragged):
+    _, args = ragged
+    with pytest.raises(ValueError, match=re.escape("backend must be one of ('mosaic', 'triton') or None")):
+        fp8_gemm(*args, impl="pallas", interpret=True, backend="cuda")
+    with pytest.raises(ValueError, match="Mosaic GPU kernel has no interpret mode"):
+        fp8_gemm(*args, impl="pallas", interpret=True, backend="mosaic")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the default implementation depends on the backend")
@@ -105,7 +131,7 @@ def test_fp8_gemm_rejects_bad_input(ragged):
                 fp8_gemm(*args, **{**MODE[impl], **kwargs})
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [MOSAIC])
 def test_fp8_gemm_row_scales_exact(impl):
     # w_granularity="row": one scale per weight row and K block; distinct per row, so a block-wise use shows.
     rng = np.random.default_rng(3)
@@ -118,7 +144,7 @@ def test_fp8_gemm_row_scales_exact(impl):
     np.testing.assert_array_equal(np.asarray(out), (x @ w.T).astype(np.float32))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [MOSAIC])
 def test_fp8_gemm_weight_gradient_layout(impl):
     # dW = dy^T x with both operands quantized per 128x1 tile (contraction over tokens), reference §5.3.
     rng = np.random.default_rng(4)
