@@ -26,14 +26,17 @@ from dsv3_jax.inference.generate import generate_batched
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.options import key_values
 from dsv3_jax.precision import Precision
-from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
+from dsv3_jax.train.heldout import Evaluator, eval_windows
+from dsv3_jax.train.inputs import TEXT_KINDS, default_corpus_files, resolve_inputs
 from dsv3_jax.train.optim import (PAPER_FINAL_LR, PAPER_MTP_WEIGHT_LATE, PAPER_PEAK_LR, batch_size_schedule,
                                   bias_update_speed_schedule, constant_schedule, lr_schedule, make_optimizer,
                                   mtp_weight_schedule)
-from dsv3_jax.train.heldout import Evaluator, eval_windows
+from dsv3_jax.train.packing import PackedBatches, check_seq_len
 from dsv3_jax.train.step import BALANCE_SCOPES, StepConfig, init_state, make_train_step, split_model
+from dsv3_jax.train.tokenizer import Tokenizer, train_or_load_tokenizer
+from dsv3_jax.train.tokens import prepare_tokens
 from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
 from sharding.pipeline import SCHEDULES, make_schedule
 from sharding.pipeline_exec import check_stage_split
@@ -284,22 +287,22 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
                           new_tokenizer_ok: bool = True):
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
-    resolved = data_lib.resolve_inputs(inputs, text_key=args.data_field, bin_dtype=args.data_dtype)
-    has_text = any(inp.kind in data_lib.TEXT_KINDS for inp in resolved)
+    inputs = args.data or [str(p) for p in default_corpus_files(args.corpus_bytes)]
+    resolved = resolve_inputs(inputs, text_key=args.data_field, bin_dtype=args.data_dtype)
+    has_text = any(inp.kind in TEXT_KINDS for inp in resolved)
     if saved_tokenizer is not None:
-        tokenizer = data_lib.Tokenizer.from_json(saved_tokenizer)
+        tokenizer = Tokenizer.from_json(saved_tokenizer)
     elif has_text and not new_tokenizer_ok:
         raise ValueError(f"--init {args.init}: the checkpoint has no tokenizer, so --data must be pre-tokenized "
                          "(.bin/.npy) token ids of its vocabulary")
     elif has_text:
-        tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
+        tokenizer = train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
     else:
         tokenizer = None
     fim_rate = args.fim_rate if tokenizer is not None else 0.0  # pre-tokenized data: no FIM
-    tokens = data_lib.prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
-                                     bin_dtype=args.data_dtype, fim_rate=fim_rate, fim_seed=args.seed,
-                                     heldout_fraction=args.eval_fraction, split="train")
+    tokens = prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
+                            bin_dtype=args.data_dtype, fim_rate=fim_rate, fim_seed=args.seed,
+                            heldout_fraction=args.eval_fraction, split="train")
     return tokenizer, tokens
 
 
@@ -308,15 +311,15 @@ def _eval_sets(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, tokenizer
     if not args.eval_every:
         return {}
     cache = workdir / "cache"
-    inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
+    inputs = args.data or [str(p) for p in default_corpus_files(args.corpus_bytes)]
     streams = {}
     if args.eval_fraction > 0:
-        streams["heldout"] = data_lib.prepare_tokens(inputs, tokenizer, cache, cfg.vocab_size,
-                                                     text_key=args.data_field, bin_dtype=args.data_dtype,
-                                                     heldout_fraction=args.eval_fraction, split="heldout")
+        streams["heldout"] = prepare_tokens(inputs, tokenizer, cache, cfg.vocab_size,
+                                            text_key=args.data_field, bin_dtype=args.data_dtype,
+                                            heldout_fraction=args.eval_fraction, split="heldout")
     for name, path in _eval_data_sets(args).items():
-        streams[name] = data_lib.prepare_tokens([path], tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
-                                                bin_dtype=args.data_dtype)
+        streams[name] = prepare_tokens([path], tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
+                                       bin_dtype=args.data_dtype)
     return {name: eval_windows(t, args.seq_len, args.eval_batches, micro, name) for name, t in streams.items()}
 
 
@@ -674,7 +677,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     if init is not None and (args.set or args.mtp_depth is not None):
         raise ValueError("--set / --mtp-depth change the model; --init continues a checkpoint's model as it is")
     workdir, ckpt = open_workdir(args.workdir, args.resume, args.keep)
-    data_lib.check_seq_len(args.seq_len, cfg)
+    check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
     micro = args.micro_batch or args.batch
     schedule = _validate_pipeline(args)
@@ -704,7 +707,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     mesh, main_process = session.mesh, session.main_process
     saved_tokenizer = (session.meta or {}).get("tokenizer")
     if saved_tokenizer is None and init_tokenizer is not None:
-        if not isinstance(init_tokenizer, data_lib.Tokenizer):
+        if not isinstance(init_tokenizer, Tokenizer):
             raise ValueError(f"--init {args.init}: its tokenizer.json is not in this project's layout (<|bos|> = 0, "
                              "<|eos|> = 1); continued pretraining needs it")
         saved_tokenizer = init_tokenizer.to_json()
@@ -714,7 +717,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     eval_sets = _eval_sets(args, cfg, workdir, tokenizer, micro)
     if main_process:
         _barrier("dsv3_data_ready")
-    batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
+    batches = PackedBatches(tokens, args.seq_len, args.seed)
     stop = args.stop_at or args.steps
 
     step_fn = make_train_step(session.graphdef, session.optimizer,
@@ -799,5 +802,5 @@ def load_workdir(workdir: str | os.PathLike):
     ckpt.close()
     state = unflat_state(restored, like)
     model = nnx.merge(graphdef, state["params"], state["bias"])
-    tokenizer = None if meta.get("tokenizer") is None else data_lib.Tokenizer.from_json(meta["tokenizer"])
+    tokenizer = None if meta.get("tokenizer") is None else Tokenizer.from_json(meta["tokenizer"])
     return model, tokenizer
