@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, apply_overrides, get_preset
-from dsv3_jax.inference.generate import generate_batched
+from dsv3_jax.inference.generate import generate_text
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.options import key_values
 from dsv3_jax.precision import Precision
@@ -593,17 +593,6 @@ def final_model(session: Session) -> Transformer:
     return nnx.merge(session.graphdef, params, bias)
 
 
-def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int) -> str:
-    """`prompt` and up to n_new greedy tokens after it (inference.generate; stops at EOS)."""
-    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
-    n_new = min(n_new, model.config.max_position_embeddings - len(ids))
-    if n_new <= 0:
-        return prompt
-    eos = tokenizer.eos_id
-    [(new, _)] = generate_batched(model, [ids], n_new, batch_size=1, stop_tokens=[] if eos is None else [eos])
-    return prompt + tokenizer.decode(new)
-
-
 def _read_init(path: str):
     """(model, tokenizer, run_args or None) of an --init work directory or released-format checkpoint."""
     from dsv3_jax.load import load_model_and_tokenizer
@@ -763,7 +752,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     summary = {"steps_done": stop, "first_loss": result["first_loss"], "last_loss": result["last_loss"],
                "workdir": str(workdir)}
     if stop == args.steps and tokenizer is not None and args.sample_tokens:
-        summary["sample"] = sample_text(final_model(session), tokenizer, args.prompt, args.sample_tokens)
+        summary["sample"] = generate_text(final_model(session), tokenizer, args.prompt, args.sample_tokens)
         if main_process:
             print(f"\nsample ({args.sample_tokens} tokens, greedy) from prompt {args.prompt!r}:\n"
                   f"{summary['sample']}\n")
