@@ -4,7 +4,10 @@
 On a GPU the Pallas kernel runs compiled (Triton). On the CPU there is no FP8 kernel to time: the kernel runs in
 Pallas interpret mode next to the jnp reference (``fp8_gemm_ref``), at a reduced M (128 unless --m is given).
 
-    python benchmarks/fp8_gemm.py [--json] [--shapes 7168x2112 ...] [--m 4096] [--reps N]
+Protocol (benchmarks/protocol.py): the load average is checked first, the kernels of a shape are timed interleaved,
+each --repeats times (a run: the median of --reps calls), and every figure is the median over the runs (min, max).
+
+    python benchmarks/fp8_gemm.py [--json] [--shapes 7168x2112 ...] [--m 4096] [--reps N] [--repeats N]
 """
 
 from __future__ import annotations
@@ -19,20 +22,27 @@ import numpy as np
 
 from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
 from pallas_kernels import fp8_gemm
+from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 SHAPES_KN = ((7168, 2112), (1536, 24576), (512, 32768), (16384, 7168), (7168, 4096), (2048, 7168))
 GPU_M, CPU_M = 4096, 128
 
 
-def _seconds(fn, args, reps: int):
-    """(median wall time of ``reps`` calls of jitted ``fn`` compiled ahead of time, the last output)."""
+def _timer(fn, args, reps: int):
+    """(run, first output): ``fn`` jitted and compiled ahead of time; run() is the median wall time of ``reps``
+    calls."""
     compiled = jax.jit(fn).lower(*args).compile()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), out
+    out = jax.block_until_ready(compiled(*args))
+
+    def run() -> float:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    return run, out
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -45,24 +55,32 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return k, n
 
 
-def bench_shape(m: int, k: int, n: int, on_gpu: bool, reps: int) -> dict:
-    """Time one (M, K, N): the FP8 kernel, the jnp reference (CPU only) and the bf16 jnp.dot."""
+def bench_shape(m: int, k: int, n: int, on_gpu: bool, reps: int, repeats: int) -> dict:
+    """Time one (M, K, N), interleaved ``repeats`` times: the FP8 kernel, the jnp reference (CPU only) and the
+    bf16 jnp.dot; each figure the median over the repeats, with _median/_min/_max."""
     kx, kw = jax.random.split(jax.random.key(k * 100003 + n))
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
     w = jax.random.normal(kw, (n, k), jnp.bfloat16)
     args = jax.block_until_ready((*act_quant(x), *weight_quant(w)))
     flops = 2.0 * m * n * k
-    row = {"m": m, "k": k, "n": n}
-    row["fp8_s"], out_fp8 = _seconds(lambda *a: fp8_gemm(*a, impl="pallas", interpret=not on_gpu), args, reps)
-    row["bf16_s"], out_bf16 = _seconds(lambda a, b: jnp.dot(a, b.T), (x, w), reps)
+    runners = {}
+    runners["fp8"], out_fp8 = _timer(lambda *a: fp8_gemm(*a, impl="pallas", interpret=not on_gpu), args, reps)
+    runners["bf16"], out_bf16 = _timer(lambda a, b: jnp.dot(a, b.T), (x, w), reps)
     if not on_gpu:
-        row["fp8_ref_s"], _ = _seconds(lambda *a: fp8_gemm(*a, impl="ref"), args, reps)
-        row["fp8_ref_tflops"] = flops / row["fp8_ref_s"] / 1e12
-    row["fp8_tflops"] = flops / row["fp8_s"] / 1e12
-    row["bf16_tflops"] = flops / row["bf16_s"] / 1e12
-    row["ratio"] = row["fp8_tflops"] / row["bf16_tflops"]
-    row["calc_diff_vs_bf16"] = calc_diff(np.asarray(out_fp8, np.float32), np.asarray(out_bf16, np.float32))
-    return row
+        runners["fp8_ref"], _ = _timer(lambda *a: fp8_gemm(*a, impl="ref"), args, reps)
+    runs = interleave(runners, repeats)
+    rows = []
+    for r in range(repeats):
+        row = {"fp8_s": runs["fp8"][r], "bf16_s": runs["bf16"][r]}
+        if not on_gpu:
+            row["fp8_ref_s"] = runs["fp8_ref"][r]
+            row["fp8_ref_tflops"] = flops / row["fp8_ref_s"] / 1e12
+        row["fp8_tflops"] = flops / row["fp8_s"] / 1e12
+        row["bf16_tflops"] = flops / row["bf16_s"] / 1e12
+        row["ratio"] = row["fp8_tflops"] / row["bf16_tflops"]
+        rows.append(row)
+    return {"m": m, "k": k, "n": n, **summarize(rows),
+            "calc_diff_vs_bf16": calc_diff(np.asarray(out_fp8, np.float32), np.asarray(out_bf16, np.float32))}
 
 
 def main(argv=None) -> None:
@@ -73,11 +91,14 @@ def main(argv=None) -> None:
     ap.add_argument("--m", type=int, default=None, help=f"rows of A (default {GPU_M} on GPU, {CPU_M} on CPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement after an ahead-of-time "
                     "compile, median (default 10 on GPU, 1 on CPU)")
+    add_repeats_arg(ap)
     args = ap.parse_args(argv)
     if args.m is not None and args.m < 1:
         ap.error(f"--m must be positive, got {args.m}")
     if args.reps is not None and args.reps < 1:
         ap.error(f"--reps must be positive, got {args.reps}")
+    check_repeats(args.repeats)
+    state = machine_state()
 
     on_gpu = jax.default_backend() == "gpu"
     m = args.m or (GPU_M if on_gpu else CPU_M)
@@ -89,19 +110,21 @@ def main(argv=None) -> None:
         print(f"fp8_gemm on {device} ({jax.default_backend()}): no compiled FP8 kernel here; the Pallas kernel runs "
               f"in interpret mode, next to the jnp reference, at M={m}"
               + (f" (reduced from {GPU_M}; pass --m to change)" if args.m is None else ""))
+    print(f"  {header(state, args.repeats)}")
     rows = []
     for k, n in args.shapes:
-        r = bench_shape(m, k, n, on_gpu, reps)
+        r = bench_shape(m, k, n, on_gpu, reps, args.repeats)
         rows.append(r)
         kernel_name = "pallas" if on_gpu else "pallas(interpret)"
         ref = f"  fp8 ref {r['fp8_ref_s'] * 1e3:9.2f} ms {r['fp8_ref_tflops']:7.3f} TFLOP/s" if not on_gpu else ""
         print(f"  M={m} K={k:5d} N={n:5d}  fp8 {kernel_name} {r['fp8_s'] * 1e3:9.2f} ms "
               f"{r['fp8_tflops']:7.3f} TFLOP/s{ref}  bf16 jnp.dot {r['bf16_s'] * 1e3:9.2f} ms "
-              f"{r['bf16_tflops']:7.3f} TFLOP/s  fp8/bf16 {r['ratio']:.2f}x  calc_diff {r['calc_diff_vs_bf16']:.1e}",
+              f"{r['bf16_tflops']:7.3f} TFLOP/s  fp8/bf16 {r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]  "
+              f"calc_diff {r['calc_diff_vs_bf16']:.1e}",
               flush=True)
     if args.json:
         print(json.dumps({"backend": jax.default_backend(), "device": device, "m": m, "interpret": not on_gpu,
-                          "shapes": rows}))
+                          "shapes": rows, "repeats": args.repeats, **state}))
 
 
 if __name__ == "__main__":
