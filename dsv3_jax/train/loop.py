@@ -642,29 +642,52 @@ def _extension_config(args: RunArgs, cfg: ModelConfig, init_run: dict | None) ->
                        max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len))
 
 
+def _run_model(args: RunArgs):
+    """(config, name for the log, (params, bias) or None, tokenizer or None, run arguments or None): a preset /
+    --config model with the switches applied, or the --init checkpoint's model (YaRN-extended with --yarn-factor)."""
+    if args.init is None:
+        if args.yarn_factor is not None or args.yarn_original_len is not None:
+            raise ValueError("--yarn-factor extends a trained run's context: it needs --init DIR")
+        cfg, model_name = _model_config(args)
+        return _switch_config(args, cfg), model_name, None, None, None
+    if args.config is not None:
+        raise ValueError("--init takes the model config from the checkpoint; drop --config")
+    init_model, init_tokenizer, init_run = _read_init(args.init)
+    cfg = _extension_config(args, init_model.config, init_run)
+    if args.set or args.mtp_depth is not None:
+        raise ValueError("--set / --mtp-depth change the model; --init continues a checkpoint's model as it is")
+    _, init_params, init_bias = split_model(init_model)
+    return cfg, f"init {args.init}", (init_params, init_bias), init_tokenizer, init_run
+
+
+def _schedules(args: RunArgs, continued: bool, init_run: dict | None) -> tuple[float, dict[str, Callable]]:
+    """(peak LR, {"lr", "batch", "mtp", "gamma": step -> value}): the paper's schedules scaled to --steps, or for
+    continued pretraining (paper §4.3) constants; --gamma (or --balance aux-loss / none) and --mtp-weight override
+    theirs."""
+    if not continued:
+        peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
+        schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
+                         mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
+    else:  # constant LR (the pretraining's final 7.3e-6, scaled), batch fixed, lambda 0.1, gamma 0
+        run_lr = (init_run or {}).get("lr") or DEFAULT_LR.get((init_run or {}).get("preset") or "", PAPER_PEAK_LR)
+        peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
+        schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
+                         mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
+    _, gamma = balance_settings(args)
+    if gamma is not None:
+        schedules["gamma"] = constant_schedule(gamma)
+    if args.mtp_weight is not None:
+        schedules["mtp"] = constant_schedule(args.mtp_weight)
+    return peak_lr, schedules
+
+
 def train(args: RunArgs) -> dict[str, Any]:
     """Run (or resume) a pretraining run, or with --init a continued-pretraining (context-extension) run from a
     checkpoint's weights; returns a summary dict. Under several processes (sharding.mesh.initialize_distributed's
     environment) every process runs it; process 0 writes the logs."""
     _validate(args)
     initialize_distributed()
-    init, init_tokenizer, init_run = None, None, None
-    if args.init is not None:
-        if args.config is not None:
-            raise ValueError("--init takes the model config from the checkpoint; drop --config")
-        init_model, init_tokenizer, init_run = _read_init(args.init)
-        cfg = _extension_config(args, init_model.config, init_run)
-        model_name = f"init {args.init}"
-        _, init_params, init_bias = split_model(init_model)
-        init = (init_params, init_bias)
-        del init_model
-    else:
-        if args.yarn_factor is not None or args.yarn_original_len is not None:
-            raise ValueError("--yarn-factor extends a trained run's context: it needs --init DIR")
-        cfg, model_name = _model_config(args)
-        cfg = _switch_config(args, cfg)
-    if init is not None and (args.set or args.mtp_depth is not None):
-        raise ValueError("--set / --mtp-depth change the model; --init continues a checkpoint's model as it is")
+    cfg, model_name, init, init_tokenizer, init_run = _run_model(args)
     workdir, ckpt = open_workdir(args.workdir, args.resume, args.keep)
     check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
@@ -675,20 +698,8 @@ def train(args: RunArgs) -> dict[str, Any]:
             check_stage_split(cfg, schedule.num_stages)
         except ValueError as e:
             raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
-    if init is None:
-        peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
-        schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
-                         mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
-    else:  # paper §4.3: constant LR (the pretraining's final 7.3e-6, scaled), batch fixed, lambda 0.1, gamma 0
-        run_lr = (init_run or {}).get("lr") or DEFAULT_LR.get((init_run or {}).get("preset") or "", PAPER_PEAK_LR)
-        peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
-        schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
-                         mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
-    alpha, gamma = balance_settings(args)
-    if gamma is not None:
-        schedules["gamma"] = constant_schedule(gamma)
-    if args.mtp_weight is not None:
-        schedules["mtp"] = constant_schedule(args.mtp_weight)
+    peak_lr, schedules = _schedules(args, continued=init is not None, init_run=init_run)
+    alpha, _ = balance_settings(args)
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
                             micro=micro, zero=args.zero, resume=args.resume, init=init)
     if args.resume:
