@@ -2,7 +2,10 @@
 identical config (random weights, greedy, same prompt and token count), in the same run; and speculative vs plain
 decoding on a model whose MTP module was trained (a `dsv3 train` work directory, e.g. the tiny pretraining run).
 
-    python benchmarks/decode_throughput.py [--json] [--new-tokens N] [--workdir runs/tiny]
+Protocol (benchmarks/protocol.py): the load average is checked first, the implementations are run interleaved,
+each --repeats times, and every figure is the median over the repeats (with min and max).
+
+    python benchmarks/decode_throughput.py [--json] [--new-tokens N] [--repeats N] [--preset P] [--workdir runs/tiny]
 """
 
 from __future__ import annotations
@@ -15,84 +18,129 @@ import time
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.config import SMALL
+from dsv3_jax.config import get_preset
 from dsv3_jax.inference.speculative import speculative_generate
 from dsv3_jax.model.transformer import Transformer
+from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 PROMPT = 32
+BATCHES = (1, 8)
 
 
-def _rate(fn, batch: int, new_tokens: int) -> float:
-    fn()  # compile / warm up
+def _timed(fn, tokens: int) -> dict:
+    """{"tokens_per_s"} of one call of fn generating ``tokens`` tokens in all."""
     t = time.perf_counter()
     fn()
-    return batch * new_tokens / (time.perf_counter() - t)
+    return {"tokens_per_s": tokens / (time.perf_counter() - t)}
 
 
-def bench_dsv3(model, batch: int, new_tokens: int) -> float:
-    prompt = np.random.default_rng(0).integers(0, SMALL.vocab_size, (batch, PROMPT)).astype(np.int32)
-    return _rate(lambda: model.generate(prompt, new_tokens), batch, new_tokens)
+def prepare_dsv3(model, batch: int, new_tokens: int):
+    """run() for greedy decoding with our model (compiled and warmed up here)."""
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, PROMPT)).astype(np.int32)
+    model.generate(prompt, new_tokens)  # compile / warm up
+    return lambda: _timed(lambda: model.generate(prompt, new_tokens), batch * new_tokens)
 
 
-def bench_transformers(batch: int, new_tokens: int) -> float:
+def prepare_transformers(cfg, batches, new_tokens: int) -> dict:
+    """{batch: run()} for transformers' greedy generate on the same config (one model, warmed up here)."""
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = DeepseekV3Config(**{k: v for k, v in SMALL.replace(num_mtp_layers=0).to_hf().items()
-                              if k not in ("architectures", "model_type")})
-    model = DeepseekV3ForCausalLM(cfg).float().eval()
-    prompt = torch.as_tensor(np.random.default_rng(0).integers(0, SMALL.vocab_size, (batch, PROMPT)))
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")})
+    model = DeepseekV3ForCausalLM(hf_cfg).float().eval()
+    runs = {}
+    for batch in batches:
+        prompt = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, PROMPT)))
 
-    def run():
-        with torch.no_grad():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False)
+        def gen(prompt=prompt):
+            with torch.no_grad():
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)
 
-    return _rate(run, batch, new_tokens)
+        gen()  # warm up
+        runs[batch] = lambda gen=gen, batch=batch: _timed(gen, batch * new_tokens)
+    return runs
 
 
-def bench_speculative(workdir: str, new_tokens: int) -> dict | None:
+def prepare_speculative(workdir: str, new_tokens: int) -> dict | None:
+    """{"plain": run(), "speculative": run()} on a trained work directory's model, or None without one."""
     from dsv3_jax.train.loop import load_workdir
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return None
     model, tok = load_workdir(workdir)
     prompt = np.asarray([[tok.bos_id] + tok.encode("def __init__(self")], np.int32)
-    plain = _rate(lambda: model.generate(prompt, new_tokens), 1, new_tokens)
-    stats = []
-    spec = _rate(lambda: stats.append(speculative_generate(model, prompt, new_tokens, return_stats=True)[1]), 1,
-                 new_tokens)
-    return {"plain_tokens_per_s": plain, "speculative_tokens_per_s": spec, "speedup": spec / plain,
-            "acceptance_rate": stats[-1].acceptance_rate, "tokens_per_forward": stats[-1].tokens_per_forward}
+    model.generate(prompt, new_tokens)
+    speculative_generate(model, prompt, new_tokens, return_stats=True)
+
+    def speculative() -> dict:
+        stats = []
+        row = _timed(lambda: stats.append(speculative_generate(model, prompt, new_tokens, return_stats=True)[1]),
+                     new_tokens)
+        return row | {"acceptance_rate": stats[-1].acceptance_rate, "tokens_per_forward": stats[-1].tokens_per_forward}
+
+    return {"plain": lambda: _timed(lambda: model.generate(prompt, new_tokens), new_tokens),
+            "speculative": speculative}
 
 
-def main() -> None:
+def _fmt(s: dict, key: str, spec: str = ".1f") -> str:
+    """"median [min-max]" of one summarised figure."""
+    return f"{s[key]:{spec}} [{s[key + '_min']:{spec}}-{s[key + '_max']:{spec}}]"
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--preset", default="small", help="model preset (small; tiny for a quick check)")
     ap.add_argument("--workdir", default="runs/tiny", help="a dsv3 train work directory with a trained MTP module")
-    args = ap.parse_args()
-    model = Transformer(SMALL.replace(num_mtp_layers=0), nnx.Rngs(0))
-    ours = {b: bench_dsv3(model, b, args.new_tokens) for b in (1, 8)}
-    theirs = {b: bench_transformers(b, args.new_tokens) for b in (1, 8)}
-    spec = bench_speculative(args.workdir, args.new_tokens)
-    print(f"small preset, greedy, prompt {PROMPT} tokens, {args.new_tokens} new tokens")
-    for b in (1, 8):
-        print(f"  batch {b}: dsv3-jax {ours[b]:8.1f} tokens/s   transformers {theirs[b]:8.1f} tokens/s   "
-              f"ratio {ours[b] / theirs[b]:.2f}x")
+    add_repeats_arg(ap)
+    args = ap.parse_args(argv)
+    if args.new_tokens < 1:
+        ap.error(f"--new-tokens must be positive, got {args.new_tokens}")
+    check_repeats(args.repeats)
+    state = machine_state()
+    cfg = get_preset(args.preset).replace(num_mtp_layers=0)
+    model = Transformer(cfg, nnx.Rngs(0))
+    runners = {}
+    theirs = prepare_transformers(cfg, BATCHES, args.new_tokens)
+    for b in BATCHES:
+        runners[f"dsv3_{b}"] = prepare_dsv3(model, b, args.new_tokens)
+        runners[f"transformers_{b}"] = theirs[b]
+    spec = prepare_speculative(args.workdir, args.new_tokens)
+    runners.update(spec or {})
+    runs = interleave(runners, args.repeats)
+    rows = []
+    for r in range(args.repeats):
+        ours = {b: runs[f"dsv3_{b}"][r]["tokens_per_s"] for b in BATCHES}
+        hf = {b: runs[f"transformers_{b}"][r]["tokens_per_s"] for b in BATCHES}
+        row = {"dsv3_tokens_per_s": ours[1], "transformers_tokens_per_s": hf[1], "ratio": ours[1] / hf[1],
+               "dsv3_batch8_tokens_per_s": ours[8], "transformers_batch8_tokens_per_s": hf[8],
+               "ratio_batch8": ours[8] / hf[8], "speculative_speedup": None, "acceptance_rate": None,
+               "plain_tokens_per_s": None, "speculative_tokens_per_s": None, "tokens_per_forward": None}
+        if spec:
+            plain, fast = runs["plain"][r], runs["speculative"][r]
+            row.update(speculative_speedup=fast["tokens_per_s"] / plain["tokens_per_s"],
+                       acceptance_rate=fast["acceptance_rate"], plain_tokens_per_s=plain["tokens_per_s"],
+                       speculative_tokens_per_s=fast["tokens_per_s"], tokens_per_forward=fast["tokens_per_forward"])
+        rows.append(row)
+    s = summarize(rows)
+    print(f"{args.preset} preset, greedy, prompt {PROMPT} tokens, {args.new_tokens} new tokens; "
+          + header(state, args.repeats))
+    for b, suffix in ((1, ""), (8, "_batch8")):
+        key = "dsv3_tokens_per_s" if b == 1 else "dsv3_batch8_tokens_per_s"
+        print(f"  batch {b}: dsv3-jax {_fmt(s, key)} tokens/s   transformers "
+              f"{_fmt(s, key.replace('dsv3', 'transformers'))} tokens/s   ratio {_fmt(s, 'ratio' + suffix, '.2f')}x")
     if spec:
-        print(f"  speculative (MTP, {args.workdir}): {spec['speculative_tokens_per_s']:.1f} vs plain "
-              f"{spec['plain_tokens_per_s']:.1f} tokens/s = {spec['speedup']:.2f}x; acceptance "
-              f"{spec['acceptance_rate']:.1%}, {spec['tokens_per_forward']:.2f} tokens per forward")
+        print(f"  speculative (MTP, {args.workdir}): {_fmt(s, 'speculative_tokens_per_s')} vs plain "
+              f"{_fmt(s, 'plain_tokens_per_s')} tokens/s = {_fmt(s, 'speculative_speedup', '.2f')}x; acceptance "
+              f"{s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per forward")
     else:
         print(f"  speculative: no trained run in {args.workdir} (run the README's first command)")
     if args.json:
-        print(json.dumps({"dsv3_tokens_per_s": ours[1], "transformers_tokens_per_s": theirs[1],
-                          "ratio": ours[1] / theirs[1], "dsv3_batch8_tokens_per_s": ours[8],
-                          "transformers_batch8_tokens_per_s": theirs[8],
-                          "speculative_speedup": spec and spec["speedup"],
-                          "acceptance_rate": spec and spec["acceptance_rate"]}))
+        print(json.dumps({**s, "preset": args.preset, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                          **state}))
 
 
 if __name__ == "__main__":

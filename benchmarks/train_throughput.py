@@ -5,7 +5,11 @@ Same work: transformers' model has no MTP module, so the headline ratio compares
 with num_mtp_layers=0 (CE + balance loss, AdamW, clipping; identical weights count and FLOPs). Our full recipe
 (with the MTP module and its loss) is measured too and reported separately.
 
-    python benchmarks/train_throughput.py [--json] [--steps N] [--warmup N]
+Protocol (benchmarks/protocol.py): the load average is checked first, the three are run interleaved, each
+--repeats times, and every figure is the median over the repeats (with min and max).
+
+    python benchmarks/train_throughput.py [--json] [--steps N] [--warmup N] [--repeats N] [--preset P]
+        [--batch B] [--seq-len T]
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.config import SMALL
+from dsv3_jax.config import get_preset
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
-
-BATCH, SEQ = 8, 256
+from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 
 def _time(fn, steps: int, warmup: int) -> float:
@@ -38,22 +41,24 @@ def _time(fn, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def bench_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray) -> dict:
+def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: bool = False):
+    """(compile seconds, run) for our train step; run() times ``steps`` steps after ``warmup`` and returns
+    {"step_s", "tokens_per_s"} (with ``breakdown``, also "forward_s" and "forward_backward_s")."""
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, params, bias = split_model(model)
     opt = make_optimizer(params, 1e-3, 1000)
     step = make_train_step(graphdef, opt, StepConfig())
     state = [init_state(params, bias, opt)]
     w = jnp.asarray(windows[None])
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
 
-    def run():
+    def one_step():
         state[0], m = step(state[0], w, 0.3, 0.001)
         jax.block_until_ready(m.loss)
 
     t0 = time.perf_counter()
-    run()
+    one_step()
     compile_s = time.perf_counter() - t0
-    dt = _time(run, steps, warmup)
 
     # where the time goes: forward only, forward+backward, and the rest (optimizer, bias update)
     def loss_only(p, b, x):
@@ -62,15 +67,22 @@ def bench_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray) -> dict:
 
     fwd = jax.jit(loss_only)
     grad = jax.jit(jax.grad(loss_only))
-    p, b = state[0]["params"], state[0]["bias"]
     x = jnp.asarray(windows)
-    fwd_s = _time(lambda: jax.block_until_ready(fwd(p, b, x)), steps, 1)
-    grad_s = _time(lambda: jax.block_until_ready(grad(p, b, x)), steps, 1)
-    return {"step_s": dt, "tokens_per_s": BATCH * SEQ / dt, "compile_s": compile_s,
-            "forward_s": fwd_s, "forward_backward_s": grad_s}
+
+    def run() -> dict:
+        dt = _time(one_step, steps, warmup)
+        row = {"step_s": dt, "tokens_per_s": tokens / dt}
+        if breakdown:
+            p, b = state[0]["params"], state[0]["bias"]
+            row["forward_s"] = _time(lambda: jax.block_until_ready(fwd(p, b, x)), steps, 1)
+            row["forward_backward_s"] = _time(lambda: jax.block_until_ready(grad(p, b, x)), steps, 1)
+        return row
+
+    return compile_s, run
 
 
-def bench_transformers(cfg, steps: int, warmup: int, windows: np.ndarray) -> dict:
+def prepare_transformers(cfg, steps: int, warmup: int, windows: np.ndarray):
+    """run() for transformers' model + torch AdamW on the same config: {"step_s", "tokens_per_s"}."""
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -82,8 +94,9 @@ def bench_transformers(cfg, steps: int, warmup: int, windows: np.ndarray) -> dic
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.as_tensor(windows[:, :-1], dtype=torch.long)
     labels = torch.as_tensor(windows[:, 1:], dtype=torch.long)
+    tokens = ids.numel()
 
-    def run():
+    def one_step():
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -91,39 +104,66 @@ def bench_transformers(cfg, steps: int, warmup: int, windows: np.ndarray) -> dic
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    dt = _time(run, steps, warmup)
-    return {"step_s": dt, "tokens_per_s": BATCH * SEQ / dt}
+    def run() -> dict:
+        dt = _time(one_step, steps, warmup)
+        return {"step_s": dt, "tokens_per_s": tokens / dt}
+
+    return run
 
 
-def main() -> None:
+def _fmt(s: dict, key: str, spec: str) -> str:
+    """"median [min-max]" of one summarised figure."""
+    return f"{s[key]:{spec}} [{s[key + '_min']:{spec}}-{s[key + '_max']:{spec}}]"
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line at the end")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    args = ap.parse_args()
-    windows = np.random.default_rng(0).integers(0, SMALL.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
-    same = SMALL.replace(num_mtp_layers=0)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each run")
+    ap.add_argument("--preset", default="small", help="model preset (small; tiny for a quick check)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    add_repeats_arg(ap)
+    args = ap.parse_args(argv)
+    for name in ("steps", "batch", "seq_len"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    check_repeats(args.repeats)
+    state = machine_state()
+    full = get_preset(args.preset)
+    batch, seq = args.batch, args.seq_len
+    windows = np.random.default_rng(0).integers(0, full.vocab_size, (batch, seq + 1)).astype(np.int32)
+    same = full.replace(num_mtp_layers=0)
     peak = measure_peak_flops()
-    ours = bench_dsv3(same, args.steps, args.warmup, windows)
-    ours_mtp = bench_dsv3(SMALL, args.steps, args.warmup, windows)
-    theirs = bench_transformers(same, args.steps, args.warmup, windows)
-    mfu = ours["tokens_per_s"] * training_flops_per_token(same, SEQ, mtp=False) / peak
-    mfu_mtp = ours_mtp["tokens_per_s"] * training_flops_per_token(SMALL, SEQ) / peak
-    ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    print(f"small preset, batch {BATCH} x {SEQ}, {jax.devices()[0].platform}, measured f32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"  dsv3-jax (no MTP, same work): {ours['tokens_per_s']:8.0f} tokens/s  step {ours['step_s']:.3f} s  "
-          f"MFU {mfu:.1%}  (compile {ours['compile_s']:.0f} s)")
-    print(f"    forward {ours['forward_s']:.3f} s, forward+backward {ours['forward_backward_s']:.3f} s, "
-          f"optimizer+bias+loss bookkeeping {ours['step_s'] - ours['forward_backward_s']:.3f} s")
-    print(f"  dsv3-jax (full recipe, MTP):  {ours_mtp['tokens_per_s']:8.0f} tokens/s  step {ours_mtp['step_s']:.3f} s"
-          f"  MFU {mfu_mtp:.1%}")
-    print(f"  transformers + torch AdamW:   {theirs['tokens_per_s']:8.0f} tokens/s  step {theirs['step_s']:.3f} s")
-    print(f"  ratio (same work): {ratio:.2f}x")
+    compile_s, ours = prepare_dsv3(same, args.steps, args.warmup, windows, breakdown=True)
+    _, ours_mtp = prepare_dsv3(full, args.steps, args.warmup, windows)
+    theirs = prepare_transformers(same, args.steps, args.warmup, windows)
+    runs = interleave({"dsv3": ours, "dsv3_mtp": ours_mtp, "transformers": theirs}, args.repeats)
+    flops, flops_mtp = training_flops_per_token(same, seq, mtp=False), training_flops_per_token(full, seq)
+    rows = [{"dsv3_tokens_per_s": a["tokens_per_s"], "transformers_tokens_per_s": c["tokens_per_s"],
+             "ratio": a["tokens_per_s"] / c["tokens_per_s"], "mfu": a["tokens_per_s"] * flops / peak,
+             "dsv3_mtp_tokens_per_s": b["tokens_per_s"], "mfu_mtp": b["tokens_per_s"] * flops_mtp / peak,
+             "dsv3_step_s": a["step_s"], "dsv3_forward_s": a["forward_s"],
+             "dsv3_forward_backward_s": a["forward_backward_s"], "transformers_step_s": c["step_s"]}
+            for a, b, c in zip(runs["dsv3"], runs["dsv3_mtp"], runs["transformers"])]
+    s = summarize(rows)
+    print(f"{args.preset} preset, batch {batch} x {seq}, {jax.devices()[0].platform}, measured f32 matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s; " + header(state, args.repeats))
+    print(f"  dsv3-jax (no MTP, same work): {_fmt(s, 'dsv3_tokens_per_s', '.0f')} tokens/s  step "
+          f"{s['dsv3_step_s']:.3f} s  MFU {s['mfu']:.1%}  (compile {compile_s:.0f} s)")
+    print(f"    forward {s['dsv3_forward_s']:.3f} s, forward+backward {s['dsv3_forward_backward_s']:.3f} s, "
+          f"optimizer+bias+loss bookkeeping {s['dsv3_step_s'] - s['dsv3_forward_backward_s']:.3f} s")
+    print(f"  dsv3-jax (full recipe, MTP):  {_fmt(s, 'dsv3_mtp_tokens_per_s', '.0f')} tokens/s  MFU "
+          f"{s['mfu_mtp']:.1%}")
+    print(f"  transformers + torch AdamW:   {_fmt(s, 'transformers_tokens_per_s', '.0f')} tokens/s  step "
+          f"{s['transformers_step_s']:.3f} s")
+    print(f"  ratio (same work): {_fmt(s, 'ratio', '.2f')}x")
     if args.json:
-        print(json.dumps({"dsv3_tokens_per_s": ours["tokens_per_s"], "transformers_tokens_per_s": theirs["tokens_per_s"],
-                          "ratio": ratio, "mfu": mfu, "dsv3_mtp_tokens_per_s": ours_mtp["tokens_per_s"],
-                          "mfu_mtp": mfu_mtp}))
+        print(json.dumps({**s, "compile_s": compile_s, "preset": args.preset, "batch": batch, "seq_len": seq,
+                          "steps": args.steps, "repeats": args.repeats, **state}))
 
 
 if __name__ == "__main__":

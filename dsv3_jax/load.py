@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dsv3_jax.train.data import Tokenizer
+from dsv3_jax.train.tokenizer import Tokenizer
 
 
 class HFTokenizer:

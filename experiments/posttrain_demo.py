@@ -27,7 +27,7 @@ from dsv3_jax.load import load_model_and_tokenizer
 from dsv3_jax.posttrain.grpo import GRPOArgs, run_grpo
 from dsv3_jax.posttrain.sft import SFTArgs, sft
 from dsv3_jax.posttrain.tasks import make_problems, score
-from dsv3_jax.train.data import default_corpus_files
+from dsv3_jax.train.inputs import default_corpus_files
 from dsv3_jax.train.loop import RunArgs, train
 
 SEEDS = {"pretrain": 101, "sft": 202, "grpo": 303, "eval": 404}

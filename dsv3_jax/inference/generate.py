@@ -162,6 +162,18 @@ def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
     return results
 
 
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """``prompt`` and up to max_new_tokens greedy tokens after it (generate_batched; BOS first, stops at EOS, fewer
+    tokens when the context ends sooner)."""
+    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+    if max_new_tokens <= 0:
+        return prompt
+    eos = tokenizer.eos_id
+    [(new, _)] = generate_batched(model, [ids], max_new_tokens, batch_size=1, stop_tokens=[] if eos is None else [eos])
+    return prompt + tokenizer.decode(new)
+
+
 def _last_logits_step(dec: Decoder, state, layer_states, tokens_BT, positions_BT, cache, last_B):
     """Run the model over new tokens against the cache; each row's logits [B, V] at its position last_B."""
     logits, _, cache = dec.forward(state, layer_states, tokens_BT, positions_BT, cache)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from dsv3_jax.train.data import CHAT_TOKENS, Tokenizer
+from dsv3_jax.train.tokenizer import CHAT_TOKENS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = dict(zip(ROLES, CHAT_TOKENS))

@@ -29,8 +29,9 @@ import numpy as np
 from dsv3_jax.jsonl import read_objects
 from dsv3_jax.posttrain.chat import chat_tokenizer, check_messages, render
 from dsv3_jax.precision import Precision
-from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.optim import constant_schedule, cosine_lr_schedule
+from dsv3_jax.train.packing import check_seq_len
+from dsv3_jax.train.tokenizer import Tokenizer
 from sharding.mesh import parse_mesh_spec
 from sharding.rules import ZERO_MODES
 
@@ -230,7 +231,7 @@ def _validate(args: SFTArgs) -> None:
 def sft_tokenizer(tokenizer, vocab_size: int, where: str, resize_ok: bool = False):
     """The init's tokenizer with the chat role tokens; ValueError if they fall outside the model's vocabulary
     (unless resize_ok: the caller grows the model with resize_vocab)."""
-    if not isinstance(tokenizer, data_lib.Tokenizer):
+    if not isinstance(tokenizer, Tokenizer):
         raise ValueError(f"{where}: its tokenizer.json is not in this project's layout (<|bos|> = 0, <|eos|> = 1); "
                          "the chat template needs it")
     tok = chat_tokenizer(tokenizer)
@@ -273,7 +274,7 @@ def _teacher(args: SFTArgs, student_cfg, student_tokenizer):
     if model.config.vocab_size != student_cfg.vocab_size:
         raise ValueError(f"--teacher {args.teacher}: vocab_size {model.config.vocab_size} differs from the student's "
                          f"{student_cfg.vocab_size}; logit distillation needs the same vocabulary")
-    teacher_tok = chat_tokenizer(tokenizer) if isinstance(tokenizer, data_lib.Tokenizer) else tokenizer
+    teacher_tok = chat_tokenizer(tokenizer) if isinstance(tokenizer, Tokenizer) else tokenizer
     if getattr(teacher_tok, "to_json", None) is None or teacher_tok.to_json() != student_tokenizer.to_json():
         raise ValueError(f"--teacher {args.teacher}: its tokenizer differs from the student's; logit distillation "
                          "needs the same vocabulary")
@@ -296,7 +297,7 @@ def sft(args: SFTArgs) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.init)
     cfg = model.config
     tokenizer = sft_tokenizer(tokenizer, cfg.vocab_size, f"--init {args.init}", resize_ok=args.resize_vocab)
-    data_lib.check_seq_len(args.seq_len, cfg)
+    check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
     packed = pack_conversations(encode_conversations(read_chat_jsonl(args.data), tokenizer), args.seq_len,
                                 args.seed, args.truncate)

@@ -1,1 +1,2 @@
-"""Training: tokenizer, corpus preparation and packed batches (paper §4.1), the pre-training loop."""
+"""Training: inputs (corpus and --data readers), tokenizer, tokens (token cache, FIM, held-out split) and packing
+(paper §4.1), optimizer and schedules, the step, checkpoints and the pre-training loop."""

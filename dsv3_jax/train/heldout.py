@@ -1,7 +1,7 @@
 """Held-out evaluation during training (paper §4.5.2-4.5.3: validation loss of the main model with the MTP modules
 discarded, MaxVio and per-expert load on the validation set, per-domain expert loads for the specialisation
 analysis). Each evaluated set is a fixed list of windows taken in stream order from a held-out token stream
-(train/data.py's held-out split, or an --eval-data file); one compiled forward per window shape.
+(train/tokens.py's held-out split, or an --eval-data file); one compiled forward per window shape.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 
 from dsv3_jax.balance import max_violation
 from dsv3_jax.losses import token_logprobs
-from dsv3_jax.train.data import PackedBatches
+from dsv3_jax.train.packing import PackedBatches
 from sharding.rules import batch_spec
 
 

@@ -22,18 +22,21 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, apply_overrides, get_preset
-from dsv3_jax.inference.generate import generate_batched
+from dsv3_jax.inference.generate import generate_text
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.options import key_values
 from dsv3_jax.precision import Precision
-from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
+from dsv3_jax.train.heldout import Evaluator, eval_windows
+from dsv3_jax.train.inputs import TEXT_KINDS, default_corpus_files, resolve_inputs
 from dsv3_jax.train.optim import (PAPER_FINAL_LR, PAPER_MTP_WEIGHT_LATE, PAPER_PEAK_LR, batch_size_schedule,
                                   bias_update_speed_schedule, constant_schedule, lr_schedule, make_optimizer,
                                   mtp_weight_schedule)
-from dsv3_jax.train.heldout import Evaluator, eval_windows
+from dsv3_jax.train.packing import PackedBatches, check_seq_len
 from dsv3_jax.train.step import BALANCE_SCOPES, StepConfig, init_state, make_train_step, split_model
+from dsv3_jax.train.tokenizer import Tokenizer, train_or_load_tokenizer
+from dsv3_jax.train.tokens import prepare_tokens
 from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
 from sharding.pipeline import SCHEDULES, make_schedule
 from sharding.pipeline_exec import check_stage_split
@@ -284,22 +287,22 @@ def _tokenizer_and_tokens(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path
                           new_tokenizer_ok: bool = True):
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
-    resolved = data_lib.resolve_inputs(inputs, text_key=args.data_field, bin_dtype=args.data_dtype)
-    has_text = any(inp.kind in data_lib.TEXT_KINDS for inp in resolved)
+    inputs = args.data or [str(p) for p in default_corpus_files(args.corpus_bytes)]
+    resolved = resolve_inputs(inputs, text_key=args.data_field, bin_dtype=args.data_dtype)
+    has_text = any(inp.kind in TEXT_KINDS for inp in resolved)
     if saved_tokenizer is not None:
-        tokenizer = data_lib.Tokenizer.from_json(saved_tokenizer)
+        tokenizer = Tokenizer.from_json(saved_tokenizer)
     elif has_text and not new_tokenizer_ok:
         raise ValueError(f"--init {args.init}: the checkpoint has no tokenizer, so --data must be pre-tokenized "
                          "(.bin/.npy) token ids of its vocabulary")
     elif has_text:
-        tokenizer = data_lib.train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
+        tokenizer = train_or_load_tokenizer(resolved, cfg.vocab_size, cache, text_key=args.data_field)
     else:
         tokenizer = None
     fim_rate = args.fim_rate if tokenizer is not None else 0.0  # pre-tokenized data: no FIM
-    tokens = data_lib.prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
-                                     bin_dtype=args.data_dtype, fim_rate=fim_rate, fim_seed=args.seed,
-                                     heldout_fraction=args.eval_fraction, split="train")
+    tokens = prepare_tokens(resolved, tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
+                            bin_dtype=args.data_dtype, fim_rate=fim_rate, fim_seed=args.seed,
+                            heldout_fraction=args.eval_fraction, split="train")
     return tokenizer, tokens
 
 
@@ -308,15 +311,15 @@ def _eval_sets(args: RunArgs, cfg: ModelConfig, workdir: pathlib.Path, tokenizer
     if not args.eval_every:
         return {}
     cache = workdir / "cache"
-    inputs = args.data or [str(p) for p in data_lib.default_corpus_files(args.corpus_bytes)]
+    inputs = args.data or [str(p) for p in default_corpus_files(args.corpus_bytes)]
     streams = {}
     if args.eval_fraction > 0:
-        streams["heldout"] = data_lib.prepare_tokens(inputs, tokenizer, cache, cfg.vocab_size,
-                                                     text_key=args.data_field, bin_dtype=args.data_dtype,
-                                                     heldout_fraction=args.eval_fraction, split="heldout")
+        streams["heldout"] = prepare_tokens(inputs, tokenizer, cache, cfg.vocab_size,
+                                            text_key=args.data_field, bin_dtype=args.data_dtype,
+                                            heldout_fraction=args.eval_fraction, split="heldout")
     for name, path in _eval_data_sets(args).items():
-        streams[name] = data_lib.prepare_tokens([path], tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
-                                                bin_dtype=args.data_dtype)
+        streams[name] = prepare_tokens([path], tokenizer, cache, cfg.vocab_size, text_key=args.data_field,
+                                       bin_dtype=args.data_dtype)
     return {name: eval_windows(t, args.seq_len, args.eval_batches, micro, name) for name, t in streams.items()}
 
 
@@ -590,17 +593,6 @@ def final_model(session: Session) -> Transformer:
     return nnx.merge(session.graphdef, params, bias)
 
 
-def sample_text(model: Transformer, tokenizer, prompt: str, n_new: int) -> str:
-    """`prompt` and up to n_new greedy tokens after it (inference.generate; stops at EOS)."""
-    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
-    n_new = min(n_new, model.config.max_position_embeddings - len(ids))
-    if n_new <= 0:
-        return prompt
-    eos = tokenizer.eos_id
-    [(new, _)] = generate_batched(model, [ids], n_new, batch_size=1, stop_tokens=[] if eos is None else [eos])
-    return prompt + tokenizer.decode(new)
-
-
 def _read_init(path: str):
     """(model, tokenizer, run_args or None) of an --init work directory or released-format checkpoint."""
     from dsv3_jax.load import load_model_and_tokenizer
@@ -650,31 +642,54 @@ def _extension_config(args: RunArgs, cfg: ModelConfig, init_run: dict | None) ->
                        max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len))
 
 
+def _run_model(args: RunArgs):
+    """(config, name for the log, (params, bias) or None, tokenizer or None, run arguments or None): a preset /
+    --config model with the switches applied, or the --init checkpoint's model (YaRN-extended with --yarn-factor)."""
+    if args.init is None:
+        if args.yarn_factor is not None or args.yarn_original_len is not None:
+            raise ValueError("--yarn-factor extends a trained run's context: it needs --init DIR")
+        cfg, model_name = _model_config(args)
+        return _switch_config(args, cfg), model_name, None, None, None
+    if args.config is not None:
+        raise ValueError("--init takes the model config from the checkpoint; drop --config")
+    init_model, init_tokenizer, init_run = _read_init(args.init)
+    cfg = _extension_config(args, init_model.config, init_run)
+    if args.set or args.mtp_depth is not None:
+        raise ValueError("--set / --mtp-depth change the model; --init continues a checkpoint's model as it is")
+    _, init_params, init_bias = split_model(init_model)
+    return cfg, f"init {args.init}", (init_params, init_bias), init_tokenizer, init_run
+
+
+def _schedules(args: RunArgs, continued: bool, init_run: dict | None) -> tuple[float, dict[str, Callable]]:
+    """(peak LR, {"lr", "batch", "mtp", "gamma": step -> value}): the paper's schedules scaled to --steps, or for
+    continued pretraining (paper §4.3) constants; --gamma (or --balance aux-loss / none) and --mtp-weight override
+    theirs."""
+    if not continued:
+        peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
+        schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
+                         mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
+    else:  # constant LR (the pretraining's final 7.3e-6, scaled), batch fixed, lambda 0.1, gamma 0
+        run_lr = (init_run or {}).get("lr") or DEFAULT_LR.get((init_run or {}).get("preset") or "", PAPER_PEAK_LR)
+        peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
+        schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
+                         mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
+    _, gamma = balance_settings(args)
+    if gamma is not None:
+        schedules["gamma"] = constant_schedule(gamma)
+    if args.mtp_weight is not None:
+        schedules["mtp"] = constant_schedule(args.mtp_weight)
+    return peak_lr, schedules
+
+
 def train(args: RunArgs) -> dict[str, Any]:
     """Run (or resume) a pretraining run, or with --init a continued-pretraining (context-extension) run from a
     checkpoint's weights; returns a summary dict. Under several processes (sharding.mesh.initialize_distributed's
     environment) every process runs it; process 0 writes the logs."""
     _validate(args)
     initialize_distributed()
-    init, init_tokenizer, init_run = None, None, None
-    if args.init is not None:
-        if args.config is not None:
-            raise ValueError("--init takes the model config from the checkpoint; drop --config")
-        init_model, init_tokenizer, init_run = _read_init(args.init)
-        cfg = _extension_config(args, init_model.config, init_run)
-        model_name = f"init {args.init}"
-        _, init_params, init_bias = split_model(init_model)
-        init = (init_params, init_bias)
-        del init_model
-    else:
-        if args.yarn_factor is not None or args.yarn_original_len is not None:
-            raise ValueError("--yarn-factor extends a trained run's context: it needs --init DIR")
-        cfg, model_name = _model_config(args)
-        cfg = _switch_config(args, cfg)
-    if init is not None and (args.set or args.mtp_depth is not None):
-        raise ValueError("--set / --mtp-depth change the model; --init continues a checkpoint's model as it is")
+    cfg, model_name, init, init_tokenizer, init_run = _run_model(args)
     workdir, ckpt = open_workdir(args.workdir, args.resume, args.keep)
-    data_lib.check_seq_len(args.seq_len, cfg)
+    check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
     micro = args.micro_batch or args.batch
     schedule = _validate_pipeline(args)
@@ -683,20 +698,8 @@ def train(args: RunArgs) -> dict[str, Any]:
             check_stage_split(cfg, schedule.num_stages)
         except ValueError as e:
             raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
-    if init is None:
-        peak_lr = args.lr or DEFAULT_LR.get(args.preset or "", 2.2e-4)
-        schedules = dict(lr=lr_schedule(peak_lr, args.steps), batch=batch_size_schedule(args.batch, args.steps),
-                         mtp=mtp_weight_schedule(args.steps), gamma=bias_update_speed_schedule(args.steps))
-    else:  # paper §4.3: constant LR (the pretraining's final 7.3e-6, scaled), batch fixed, lambda 0.1, gamma 0
-        run_lr = (init_run or {}).get("lr") or DEFAULT_LR.get((init_run or {}).get("preset") or "", PAPER_PEAK_LR)
-        peak_lr = args.lr or run_lr * PAPER_FINAL_LR / PAPER_PEAK_LR
-        schedules = dict(lr=constant_schedule(peak_lr), batch=constant_schedule(args.batch),
-                         mtp=constant_schedule(PAPER_MTP_WEIGHT_LATE), gamma=constant_schedule(0.0))
-    alpha, gamma = balance_settings(args)
-    if gamma is not None:
-        schedules["gamma"] = constant_schedule(gamma)
-    if args.mtp_weight is not None:
-        schedules["mtp"] = constant_schedule(args.mtp_weight)
+    peak_lr, schedules = _schedules(args, continued=init is not None, init_run=init_run)
+    alpha, _ = balance_settings(args)
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
                             micro=micro, zero=args.zero, resume=args.resume, init=init)
     if args.resume:
@@ -704,7 +707,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     mesh, main_process = session.mesh, session.main_process
     saved_tokenizer = (session.meta or {}).get("tokenizer")
     if saved_tokenizer is None and init_tokenizer is not None:
-        if not isinstance(init_tokenizer, data_lib.Tokenizer):
+        if not isinstance(init_tokenizer, Tokenizer):
             raise ValueError(f"--init {args.init}: its tokenizer.json is not in this project's layout (<|bos|> = 0, "
                              "<|eos|> = 1); continued pretraining needs it")
         saved_tokenizer = init_tokenizer.to_json()
@@ -714,7 +717,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     eval_sets = _eval_sets(args, cfg, workdir, tokenizer, micro)
     if main_process:
         _barrier("dsv3_data_ready")
-    batches = data_lib.PackedBatches(tokens, args.seq_len, args.seed)
+    batches = PackedBatches(tokens, args.seq_len, args.seed)
     stop = args.stop_at or args.steps
 
     step_fn = make_train_step(session.graphdef, session.optimizer,
@@ -760,7 +763,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     summary = {"steps_done": stop, "first_loss": result["first_loss"], "last_loss": result["last_loss"],
                "workdir": str(workdir)}
     if stop == args.steps and tokenizer is not None and args.sample_tokens:
-        summary["sample"] = sample_text(final_model(session), tokenizer, args.prompt, args.sample_tokens)
+        summary["sample"] = generate_text(final_model(session), tokenizer, args.prompt, args.sample_tokens)
         if main_process:
             print(f"\nsample ({args.sample_tokens} tokens, greedy) from prompt {args.prompt!r}:\n"
                   f"{summary['sample']}\n")
@@ -799,5 +802,5 @@ def load_workdir(workdir: str | os.PathLike):
     ckpt.close()
     state = unflat_state(restored, like)
     model = nnx.merge(graphdef, state["params"], state["bias"])
-    tokenizer = None if meta.get("tokenizer") is None else data_lib.Tokenizer.from_json(meta["tokenizer"])
+    tokenizer = None if meta.get("tokenizer") is None else Tokenizer.from_json(meta["tokenizer"])
     return model, tokenizer

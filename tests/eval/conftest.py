@@ -6,7 +6,7 @@ from flax import nnx
 
 import dsv3_jax
 from dsv3_jax.posttrain.chat import chat_tokenizer
-from dsv3_jax.train.data import ByteTokenizer
+from dsv3_jax.train.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.eval import EvalSettings, load_jsonl_task, loglikelihood, run_task
-from dsv3_jax.train.data import ByteTokenizer
+from dsv3_jax.train.tokenizer import ByteTokenizer
 
 ITEMS = [
     {"context": "The sky is", "choices": [" blue", " green", " loud"], "answer": 0},

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dsv3_jax
+from dsv3_jax.inference.generate import generate_text
 from tests import hf_reference as ref
 
 
@@ -49,6 +50,39 @@ def test_stop_tokens_and_streaming(models):
     np.testing.assert_array_equal(out[0, :first + 1], free[0, :first + 1])
     assert (out[0, first:] == stop).all()
     assert seen == list(free[0, 5:first + 1])
+
+
+class _CharTokenizer:
+    """Characters ' '..'}' as ids 2..95 of the reference model's 96-id vocabulary; BOS 0."""
+
+    bos_id = 0
+
+    def __init__(self, eos_id):
+        self.eos_id = eos_id
+
+    def encode(self, text):
+        return [ord(c) - 30 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(int(i) + 30) for i in ids)
+
+
+def test_generate_text_is_greedy_generate(models):
+    """The end-of-run sample (generate_text: bucketed generate_batched) equals plain greedy generate on the exact
+    prompt, cut at EOS and at the end of the context."""
+    _, m = models
+    prompt = "def f(x):"
+    ids = np.asarray([[0] + [ord(c) - 30 for c in prompt]], np.int32)
+    free = [int(t) for t in m.generate(ids, 8)[0, ids.shape[1]:]]
+    unused = next(t for t in range(96) if t not in free)
+    assert generate_text(m, _CharTokenizer(unused), prompt, 8) == prompt + _CharTokenizer(None).decode(free)
+    stop = free[3]
+    cut = free[:free.index(stop)]
+    assert generate_text(m, _CharTokenizer(stop), prompt, 8) == prompt + _CharTokenizer(None).decode(cut)
+    long = "x" * 124  # BOS + 124 tokens: 3 positions of the 128-token context are left
+    ids = np.asarray([[0] + [ord("x") - 30] * 124], np.int32)
+    tail = m.generate(ids, 3)[0, 125:]
+    assert generate_text(m, _CharTokenizer(None), long, 8) == long + _CharTokenizer(None).decode(tail)
 
 
 def test_sampling_controls(models):

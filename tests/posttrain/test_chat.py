@@ -3,7 +3,7 @@
 import pytest
 
 from dsv3_jax.posttrain.chat import ROLE_TOKENS, chat_tokenizer, render, render_prompt
-from dsv3_jax.train.data import CHAT_TOKENS, ByteTokenizer, Tokenizer
+from dsv3_jax.train.tokenizer import CHAT_TOKENS, ByteTokenizer, Tokenizer
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog. " * 20]
 

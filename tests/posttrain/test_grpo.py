@@ -17,7 +17,7 @@ from dsv3_jax.cli import main
 from dsv3_jax.load import load_model_and_tokenizer
 from dsv3_jax.posttrain.grpo import GRPOArgs, GRPOInterrupted, GRPOTrainer, run_grpo
 from dsv3_jax.posttrain.rewards import REWARDS
-from dsv3_jax.train.data import Tokenizer
+from dsv3_jax.train.tokenizer import Tokenizer
 from dsv3_jax.train.step import split_model
 
 TEXTS = ["What is 1 + 2? 3", "What is 4 + 5? 9", "0 1 2 3 4 5 6 7 8 9 + = ?", "Sort ascending: 3 1 2"]

@@ -122,7 +122,7 @@ def base(tmp_path_factory):
 
     from dsv3_jax.hf import save_pretrained
     from dsv3_jax.model.transformer import Transformer
-    from dsv3_jax.train.data import Tokenizer
+    from dsv3_jax.train.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("sft")
     rng = np.random.default_rng(0)
@@ -218,10 +218,9 @@ def test_sft_bad_arguments(base, tmp_path):
     from dsv3_jax.hf import save_pretrained
     from dsv3_jax.model.transformer import Transformer
     from dsv3_jax.posttrain.sft import sft_tokenizer
-    from dsv3_jax.train import data as data_lib
-    from dsv3_jax.train.data import ByteTokenizer
+    from dsv3_jax.train.tokenizer import ByteTokenizer, Tokenizer
 
-    tok = data_lib.Tokenizer.load(base / "released" / "tokenizer.json")
+    tok = Tokenizer.load(base / "released" / "tokenizer.json")
     save_pretrained(Transformer(CFG.replace(vocab_size=600), nnx.Rngs(0)), tmp_path / "other")
     tok.save(tmp_path / "other" / "tokenizer.json")
     with pytest.raises(ValueError, match="vocab_size 600 differs from the student's 512"):

@@ -10,9 +10,13 @@ import pytest
 import tokenizers
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train import data
-from dsv3_jax.train.data import (ByteTokenizer, PackedBatches, Tokenizer, check_seq_len, default_corpus_files,
-                                 prepare_tokens, resolve_inputs, train_or_load_tokenizer)
+from dsv3_jax.train import inputs as inputs_mod
+from dsv3_jax.train import tokenizer as tokenizer_mod
+from dsv3_jax.train import tokens as tokens_mod
+from dsv3_jax.train.inputs import default_corpus_files, resolve_inputs
+from dsv3_jax.train.packing import PackedBatches, check_seq_len
+from dsv3_jax.train.tokenizer import FIM_TOKENS, ByteTokenizer, Tokenizer, train_or_load_tokenizer
+from dsv3_jax.train.tokens import fim_document, prepare_tokens
 
 CORPUS = [
     "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n",
@@ -155,8 +159,8 @@ def test_text_files_and_glob(bpe, tmp_path):
 
 
 def test_long_text_is_chunked_exactly(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_READ_CHUNK_BYTES", 7)
-    monkeypatch.setattr(data, "_ENCODE_BATCH_CHARS", 50)
+    monkeypatch.setattr(inputs_mod, "_READ_CHUNK_BYTES", 7)
+    monkeypatch.setattr(tokens_mod, "_ENCODE_BATCH_CHARS", 50)
     text = "".join(CORPUS) + "no newline at the end 😀" * 3
     a = _write(tmp_path / "a.txt", text)
     b = _write(tmp_path / "b.txt", "x" * 100)  # no newline at all
@@ -181,7 +185,7 @@ def test_jsonl(bpe, tmp_path):
 
 
 def _split_fim(ids, tok):
-    begin, hole, end = (tok.token_id(t) for t in data.FIM_TOKENS)
+    begin, hole, end = (tok.token_id(t) for t in FIM_TOKENS)
     assert ids[0] == begin and ids.count(begin) == ids.count(hole) == ids.count(end) == 1
     h, e = ids.index(hole), ids.index(end)
     return ids[1:h], ids[h + 1:e], ids[e + 1:]  # prefix, suffix, middle
@@ -190,7 +194,7 @@ def _split_fim(ids, tok):
 def test_fim_document_is_prefix_suffix_middle(bpe):
     rng = np.random.default_rng(0)
     for text in CORPUS:
-        pre, suf, mid = _split_fim(data.fim_document(text, bpe, rng), bpe)
+        pre, suf, mid = _split_fim(fim_document(text, bpe, rng), bpe)
         assert bpe.decode(pre) + bpe.decode(mid) + bpe.decode(suf) == text
 
 
@@ -256,7 +260,8 @@ def test_bin_in_place(tmp_path):
 
 
 def test_npy_inputs(bpe, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_CHECK_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(inputs_mod, "_CHECK_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(tokens_mod, "_COPY_CHUNK_TOKENS", 64)
     a = np.arange(500, dtype=np.uint16) % 300
     np.save(tmp_path / "a.npy", a)
     tokens = prepare_tokens([tmp_path / "a.npy"], None, tmp_path / "cache", 300)
@@ -280,7 +285,7 @@ def test_npy_inputs(bpe, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("suffix", [".bin", ".npy"])
 def test_token_id_too_large(tmp_path, monkeypatch, suffix):
-    monkeypatch.setattr(data, "_CHECK_CHUNK_TOKENS", 100)  # the bad id sits in a later chunk
+    monkeypatch.setattr(inputs_mod, "_CHECK_CHUNK_TOKENS", 100)  # the bad id sits in a later chunk
     stream = np.zeros(1000, np.uint16)
     stream[777] = 4321
     path = tmp_path / f"tok{suffix}"
@@ -351,7 +356,7 @@ def test_train_or_load_tokenizer(tmp_path, monkeypatch):
     files = [_write(tmp_path / f"{i}.txt", t) for i, t in enumerate(CORPUS)]
     tok = train_or_load_tokenizer(files, 300, tmp_path / "cache")
     assert tok.to_json() == Tokenizer.train(files, 300).to_json()
-    monkeypatch.setattr(data, "_train_bpe", lambda *a: pytest.fail("cached tokenizer retrained"))
+    monkeypatch.setattr(tokenizer_mod, "_train_bpe", lambda *a: pytest.fail("cached tokenizer retrained"))
     assert train_or_load_tokenizer(files, 300, tmp_path / "cache").to_json() == tok.to_json()
 
 

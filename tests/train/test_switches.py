@@ -15,10 +15,11 @@ from dsv3_jax.config import TINY, apply_overrides
 from dsv3_jax.losses import batch_balance_terms, sequence_balance_terms
 from dsv3_jax.model import moe as moe_mod
 from dsv3_jax.model.transformer import Transformer
-from dsv3_jax.train import data as data_lib
 from dsv3_jax.train import loop
 from dsv3_jax.train.loop import RunArgs, balance_settings, load_workdir, train
 from dsv3_jax.train.step import Batch, batch_loss_terms, split_model
+from dsv3_jax.train.tokenizer import FIM_TOKENS, ByteTokenizer, Tokenizer
+from dsv3_jax.train.tokens import is_heldout, prepare_tokens
 
 WORDS = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")"]
 
@@ -127,10 +128,10 @@ def test_heldout_split_is_whole_documents_disjoint_and_seed_free(tmp_path):
     docs = [f"document {i}: " + " ".join(WORDS[(i * j) % len(WORDS)] for j in range(30)) for i in range(300)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = data_lib.ByteTokenizer()
+    tok = ByteTokenizer()
 
     def split_docs(split):
-        t = data_lib.prepare_tokens([path], tok, tmp_path / "cache", 258, heldout_fraction=0.1, split=split)
+        t = prepare_tokens([path], tok, tmp_path / "cache", 258, heldout_fraction=0.1, split=split)
         ids = np.asarray(t).tolist()
         out, cur = [], []
         for i in ids:
@@ -144,12 +145,12 @@ def test_heldout_split_is_whole_documents_disjoint_and_seed_free(tmp_path):
 
     train_docs, held = split_docs("train"), split_docs("heldout")
     assert sorted(train_docs + held) == sorted(docs) and not set(train_docs) & set(held)
-    assert held == [d for d in docs if data_lib.is_heldout(d, 0.1)] and 10 <= len(held) <= 50
+    assert held == [d for d in docs if is_heldout(d, 0.1)] and 10 <= len(held) <= 50
     # a pre-tokenized input: its tail
     arr = np.arange(1000, dtype=np.uint16) % 250
     np.save(tmp_path / "t.npy", arr)
-    tail = data_lib.prepare_tokens([tmp_path / "t.npy"], None, tmp_path / "cache", 258, heldout_fraction=0.05,
-                                   split="heldout")
+    tail = prepare_tokens([tmp_path / "t.npy"], None, tmp_path / "cache", 258, heldout_fraction=0.05,
+                          split="heldout")
     np.testing.assert_array_equal(tail, arr[950:])
 
 
@@ -200,11 +201,11 @@ def test_heldout_windows_equal_across_seeds_and_fim_default(aux_run):
     cfg = TINY
     workdir = loop.pathlib.Path(aux_run.workdir)
     meta_tok = json.loads(next((workdir / "checkpoints").glob("*/meta/metadata")).read_text())["tokenizer"]
-    tok = data_lib.Tokenizer.from_json(meta_tok)
+    tok = Tokenizer.from_json(meta_tok)
     a = loop._eval_sets(aux_run, cfg, workdir, tok, 4)
     b = loop._eval_sets(dataclasses.replace(aux_run, seed=7, balance="none", fim_rate=0.0), cfg, workdir, tok, 4)
     np.testing.assert_array_equal(a["heldout"], b["heldout"])
-    begin = tok.token_id(data_lib.FIM_TOKENS[0])
+    begin = tok.token_id(FIM_TOKENS[0])
     assert RunArgs(workdir="x", steps=1).fim_rate == 0.1
     _, on = loop._tokenizer_and_tokens(aux_run, cfg, workdir, meta_tok)
     _, off = loop._tokenizer_and_tokens(dataclasses.replace(aux_run, fim_rate=0.0), cfg, workdir, meta_tok)
