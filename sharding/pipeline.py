@@ -284,6 +284,14 @@ class Costs:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnitCosts(Costs):
+    """Every op, overlapped or not, takes one time unit: the pipeline executor's ticks (pipeline_exec.tick_table)."""
+
+    def of(self, op) -> float:
+        return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class SimResult:
     """Per-rank (start, end) of every op, the makespan, idle time per rank and peak in-flight activations."""
 

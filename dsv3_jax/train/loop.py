@@ -39,7 +39,7 @@ from dsv3_jax.train.tokenizer import Tokenizer, train_or_load_tokenizer
 from dsv3_jax.train.tokens import prepare_tokens
 from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
 from sharding.pipeline import SCHEDULES, make_schedule
-from sharding.pipeline_exec import check_stage_split
+from sharding.pipeline_transformer import check_stage_split
 from sharding.rules import ZERO_MODES, batch_spec, train_state_shardings
 
 DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}  # the paper's 2.2e-4 is for the 671B model; small models take more

@@ -134,7 +134,7 @@ def _bias_update(bias, counts, mtp_counts, gamma):
 
 def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
     """grad_fn's ((loss, aux), grads) for one micro-batch Batch [M, S], computed by the pipeline executor."""
-    from sharding.pipeline_exec import pipeline_train_terms
+    from sharding.pipeline_transformer import pipeline_train_terms
 
     n = schedule.microbatches
 

@@ -28,8 +28,8 @@ from dsv3_jax.losses import cross_entropy, mtp_loss  # noqa: E402
 from dsv3_jax.model.transformer import Transformer  # noqa: E402
 from dsv3_jax.train.step import Batch, batch_loss_terms, split_model  # noqa: E402
 from sharding.pipeline import make_schedule  # noqa: E402
-from sharding.pipeline_exec import (PipelineModel, pipeline_train_loss_and_grads, pipeline_value_and_grad,  # noqa: E402
-                                    program_shape, transformer_pipeline)
+from sharding.pipeline_exec import PipelineModel, pipeline_value_and_grad, program_shape  # noqa: E402
+from sharding.pipeline_transformer import pipeline_train_loss_and_grads, transformer_pipeline  # noqa: E402
 
 
 def grad_error(got, want) -> float:

@@ -81,7 +81,8 @@ def grad_checks(mesh_spec: str, schedules) -> list[dict]:
     from dsv3_jax.train.step import split_model
     from sharding.mesh import build_mesh, parse_mesh_spec
     from sharding.pipeline import make_schedule
-    from sharding.pipeline_exec import pipeline_train_terms, program_shape
+    from sharding.pipeline_exec import program_shape
+    from sharding.pipeline_transformer import pipeline_train_terms
     from sharding.rules import batch_spec
 
     graphdef, params, bias = split_model(Transformer(CFG, nnx.Rngs(0)))
