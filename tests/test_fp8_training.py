@@ -370,7 +370,7 @@ def test_fp8_step_takes_a_masked_packed_batch():
     graphs = {name: split_model(nnx.eval_shape(lambda: Transformer(CFG, nnx.Rngs(0), Precision.named(name))))[0]
               for name in ("bf16", "fp8")}
     sgd = optax.sgd(0.1)
-    state, m = make_train_step(graphs["fp8"], sgd, StepConfig())(init_state(params, bias, sgd), batch, 0.0, 0.0)
+    state, m = make_train_step(graphs["fp8"], sgd, StepConfig(), donate=False)(init_state(params, bias, sgd), batch, 0.0, 0.0)
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state["params"]),
                                                                  jax.tree.leaves(params)))
     first = jax.tree.map(lambda a: a[0], batch)

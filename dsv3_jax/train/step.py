@@ -150,7 +150,8 @@ def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig, mesh=None,
-                    state_shardings=None, schedule=None, distill: DistillSpec | None = None) -> Callable:
+                    state_shardings=None, schedule=None, distill: DistillSpec | None = None,
+                    donate: bool = True) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
     windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets), an int
@@ -165,6 +166,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
     micro-batches is split into schedule.microbatches pipeline micro-batches of M / microbatches windows, and its
     loss, gradients and expert counts come from the pipeline executor (same values); the update is the same.
     With `distill` the step takes `teacher=(params, bias)` of distill.teacher_graphdef (same vocabulary).
+    With `donate` (the default) the state passed in is donated to the step, so XLA updates it in place and the
+    old state's arrays are deleted: keep only the returned state (pass donate=False to step one state twice).
     """
 
     def loss_fn(params, bias, batch_MS: Batch, mtp_weight, teacher=None):
@@ -219,26 +222,27 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         spike = judged & (loss > spike_factor * ema)
         skip = nonfinite | spike
 
-        updates, new_opt = optimizer.update(grads, state["opt"], params)
-        new_params = optax.apply_updates(params, updates)
-        new_bias = bias if counts.size == 0 else _bias_update(bias, counts, mtp_counts, gamma)
+        def update(_):
+            updates, new_opt = optimizer.update(grads, state["opt"], params)
+            new_bias = bias if counts.size == 0 else _bias_update(bias, counts, mtp_counts, gamma)
+            return optax.apply_updates(params, updates), new_bias, new_opt
 
-        def keep_if_skipped(old, new):
-            return jax.tree.map(lambda a, b: jnp.where(skip, a, b), old, new)
-
+        # a skipped update keeps the old state: the optimizer runs only when it is not skipped
+        new_params, new_bias, new_opt = jax.lax.cond(skip, lambda _: (params, bias, state["opt"]), update, None)
         new_ema = jnp.where(state["step"] == 0, loss, sc.ema_decay * ema + (1 - sc.ema_decay) * loss)
         new_state = {
-            "params": keep_if_skipped(params, new_params),
-            "bias": keep_if_skipped(bias, new_bias),
-            "opt": keep_if_skipped(state["opt"], new_opt),
+            "params": new_params,
+            "bias": new_bias,
+            "opt": new_opt,
             "loss_ema": jnp.where(skip, ema, new_ema),
             "step": state["step"] + 1,
         }
         max_vio = jnp.zeros((), jnp.float32) if counts.size == 0 else jnp.mean(max_violation(counts))
         return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite, kl)
 
+    donated = (0,) if donate else ()
     if mesh is None:
-        jitted = jax.jit(step)
+        jitted = jax.jit(step, donate_argnums=donated)
         scalar = jnp
     else:
         if state_shardings is None:
@@ -246,17 +250,28 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         rep = NamedSharding(mesh, PartitionSpec())
         windows = NamedSharding(mesh, batch_spec(3, batch_dim=1))
         jitted = jax.jit(step, in_shardings=(state_shardings, windows, rep, rep, rep, rep, rep),
-                         out_shardings=(state_shardings, rep))
+                         out_shardings=(state_shardings, rep), donate_argnums=donated)
         scalar = np  # host values: every process passes the same, no process-local device arrays
 
-    def call(state: TrainState, windows_KMS, mtp_weight, gamma, teacher=None):
+    def arguments(state, windows_KMS, mtp_weight, gamma, teacher):
         if (teacher is None) != (distill is None):
             raise ValueError("make_train_step: pass teacher=(params, bias) exactly when the step has a DistillSpec")
-        batch = as_batch(windows_KMS)
-        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-            return jitted(state, batch, scalar.float32(mtp_weight), scalar.float32(gamma),
-                          scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup), teacher)
+        return (state, as_batch(windows_KMS), scalar.float32(mtp_weight), scalar.float32(gamma),
+                scalar.float32(sc.spike_factor), scalar.int32(sc.spike_warmup), teacher)
 
+    def call(state: TrainState, windows_KMS, mtp_weight, gamma, teacher=None):
+        args = arguments(state, windows_KMS, mtp_weight, gamma, teacher)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            return jitted(*args)
+
+    def lower(state, windows_KMS, mtp_weight=0.3, gamma=0.001, teacher=None):
+        """The step lowered for these arguments (arrays or jax.ShapeDtypeStruct; nothing runs):
+        `.compile().memory_analysis()` gives XLA's per-device bytes."""
+        args = arguments(state, windows_KMS, mtp_weight, gamma, teacher)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    call.lower = lower
     return call
 
 

@@ -117,7 +117,7 @@ def step_setup():
 
 def test_bias_moves_by_sign_rule_and_gets_no_gradient(step_setup):
     graphdef, params, bias, opt, windows = step_setup
-    step = make_train_step(graphdef, opt, StepConfig())
+    step = make_train_step(graphdef, opt, StepConfig(), donate=False)  # stepped twice from the same state
     state, metrics = step(init_state(params, bias, opt), windows, 0.3, 0.001)
     assert not bool(metrics.skipped)
     # independent count: the forward over the same windows with the old state
@@ -135,9 +135,18 @@ def test_bias_moves_by_sign_rule_and_gets_no_gradient(step_setup):
                                   np.asarray(old))
 
 
+def test_the_step_updates_its_state_in_place(step_setup):
+    """The state is donated: XLA writes the new state into the old one's buffers (issue 10: no second copy)."""
+    graphdef, params, bias, opt, windows = step_setup
+    state0 = jax.tree.map(jnp.copy, init_state(params, bias, opt))
+    state, _ = make_train_step(graphdef, opt, StepConfig())(state0, windows, 0.3, 0.001)
+    assert all(a.is_deleted() for a in jax.tree.leaves(state0))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(state))
+
+
 def test_nonfinite_loss_skips_the_update(step_setup):
     graphdef, params, bias, opt, windows = step_setup
-    step = make_train_step(graphdef, opt, StepConfig())
+    step = make_train_step(graphdef, opt, StepConfig(), donate=False)
     bad = jax.tree.map(lambda p: p, params)
     bad["norm"]["weight"].set_value(jnp.full_like(bad["norm"]["weight"][...], jnp.nan))
     state, metrics = step(init_state(bad, bias, opt), windows, 0.3, 0.001)
@@ -153,7 +162,7 @@ def test_remat_policies_give_the_same_gradients(step_setup):
     sgd = optax.sgd(1.0)
     results = {}
     for policy in ("none", "paper", "full"):
-        step = make_train_step(graphdef, sgd, StepConfig(remat=policy))
+        step = make_train_step(graphdef, sgd, StepConfig(remat=policy), donate=False)
         state, m = step(init_state(params, bias, sgd), windows, 0.3, 0.001)
         results[policy] = (float(m.loss), jax.tree.leaves(state["params"]))
     for policy in ("paper", "full"):
@@ -165,7 +174,7 @@ def test_remat_policies_give_the_same_gradients(step_setup):
 def test_accumulation_equals_one_big_batch(step_setup):
     graphdef, params, bias, opt, windows = step_setup
     sgd = optax.sgd(1.0)
-    step = make_train_step(graphdef, sgd, StepConfig())
+    step = make_train_step(graphdef, sgd, StepConfig(), donate=False)
     two, m2 = step(init_state(params, bias, sgd), windows, 0.3, 0.0)
     one, m1 = step(init_state(params, bias, sgd), windows.reshape(1, 4, 17), 0.3, 0.0)
     # the CE and MTP terms are means over equal-size micro-batches; the balance term is per micro-batch
@@ -184,7 +193,8 @@ def masked_step(step_setup):
     graphdef, params, bias, _, windows = step_setup
     keep_grads = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
                                               lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
-    return make_train_step(graphdef, keep_grads, StepConfig(balance_alpha=0.0)), init_state(params, bias, keep_grads)
+    return (make_train_step(graphdef, keep_grads, StepConfig(balance_alpha=0.0), donate=False),
+            init_state(params, bias, keep_grads))
 
 
 def _assert_grads_close(actual, expected, rel=1e-5):
