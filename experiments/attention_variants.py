@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     size = dict(SIZES["quick" if args.quick else "default"])
     seeds = check_seeds(args.seeds if args.seeds is not None else size["seeds"])
     steps = args.steps or size["steps"]
-    out = new_out_dir(args.out)
     base_cfg = get_preset(args.preset)
     configs = {arm: apply_overrides(base_cfg, size["extra_set"] + arm_overrides(arm, args.kv_heads))
                for arm in ARMS}  # ValueError here (e.g. --kv-heads not dividing the heads) before any training
+    out = new_out_dir(args.out)
     base = RunArgs(workdir="", steps=steps, preset=args.preset, batch=size["batch"], seq_len=size["seq_len"],
                    corpus_bytes=size["corpus_bytes"], eval_every=size["eval_every"],
                    eval_fraction=size["eval_fraction"],
