@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
     settings = {"preset": args.preset, "kv_heads": args.kv_heads, "steps": steps, "seeds": seeds,
                 "batch": size["batch"], "seq_len": size["seq_len"], "corpus_bytes": size["corpus_bytes"],
-                "eval_fraction": size["eval_fraction"], "decode_context": size["context"], "decode_new_tokens": size["new_tokens"],
+                "eval_fraction": size["eval_fraction"], "decode_context": size["context"],
+                "decode_new_tokens": size["new_tokens"],
                 "decode_reps": size["reps"], "extra_set": size["extra_set"], "quick": args.quick,
                 "configs": {arm: {"attention": c.attention, "hidden_size": c.hidden_size,
                                   "num_attention_heads": c.num_attention_heads, "kv_heads": c.kv_heads,

@@ -2,6 +2,7 @@
 whole head, YaRN's softmax factor), cached greedy decoding against the full forward, one training step per
 attention kind, and the config errors (unknown kind, kv heads, MLA-only use, no released checkpoint layout)."""
 
+import json
 import math
 
 import jax
@@ -169,8 +170,6 @@ def test_no_released_checkpoint_layout(tmp_path):
         save_pretrained(m, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     (tmp_path / "ck").mkdir()
-    import json
-
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg.to_hf()))
     with pytest.raises(ValueError, match="no released checkpoint layout"):
         from_pretrained(tmp_path / "ck")
