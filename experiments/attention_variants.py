@@ -13,8 +13,9 @@ Per arm:
 - total_params / attn_params (main model; attention projections of all main layers);
 - decode_tok_s_b1 / decode_tok_s_b8: new tokens per second of greedy inference.generate after a --context-token
   prompt, timed from the first new token to the last (decode steps only, prefill excluded), median of 3 runs
-  after a warm-up (compile) run, on the seed's trained model (weights do not change the speed; the machine load
-  does: rerun on a quiet machine before reading much into a few percent);
+  after a warm-up (compile) run, on the seed's trained models, the three arms timed in alternation (weights do not
+  change the speed; the machine load does, so the spread over seeds is mostly timing noise: rerun on a quiet
+  machine before reading much into a few tens of percent);
 - val_loss: held-out cross-entropy (nats/token) after training every arm on the same data, seed and budget
   (several seeds; mean ± std over seeds in results.md).
 Writes results.json, results.md and attention_variants.png (bars of the four measures, training curves).
@@ -82,21 +83,26 @@ def attn_params(model) -> int:
                if stack is not None for _, var in nnx.to_flat_state(nnx.state(stack.attn, nnx.Param)))
 
 
-def decode_tokens_per_s(model, batch: int, context: int, new_tokens: int, reps: int, seed: int = 0) -> float:
-    """Median over `reps` runs of batch * (new_tokens - 1) / (time from the first new token to the last)."""
-    prompt = np.random.default_rng(seed).integers(2, model.config.vocab_size, (batch, context)).astype(np.int32)
+def decode_tokens_per_s(models: dict, batch: int, context: int, new_tokens: int, reps: int,
+                        seed: int = 0) -> dict[str, float]:
+    """Per model, the median over `reps` runs of batch * (new_tokens - 1) / (time from the first new token to the
+    last). After one warm-up (compile) run each, the rounds alternate the models, so a change of machine load
+    between rounds touches every arm alike."""
+    vocab = min(m.config.vocab_size for m in models.values())
+    prompt = np.random.default_rng(seed).integers(2, vocab, (batch, context)).astype(np.int32)
     stamps: list[float] = []
 
     def stamp(step, tokens):
         stamps.append(time.perf_counter())
 
-    rates = []
-    for rep in range(reps + 1):  # the first run compiles
-        stamps.clear()
-        generate(model, prompt, new_tokens, callback=stamp)
-        if rep:
-            rates.append(batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(reps + 1):  # round 0 compiles
+        for name, model in models.items():
+            stamps.clear()
+            generate(model, prompt, new_tokens, callback=stamp)
+            if rep:
+                rates[name].append(batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def plot(path: pathlib.Path, arms: dict, curves: dict) -> None:
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in ARMS}
     curves: dict[str, list[np.ndarray]] = {arm: [] for arm in ARMS}
     for seed in seeds:
+        models = {}
         for arm in ARMS:
             workdir = run_arm(base, out / f"{arm}_seed{seed}", seed=seed,
                               set=size["extra_set"] + arm_overrides(arm, args.kv_heads))
@@ -156,12 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"kv_bytes_per_token": kv_bytes_measured(cfg), "kv_bytes_formula": kv_bytes_formula(cfg),
                    "total_params": model_stats(cfg).total_params, "attn_params": attn_params(model),
                    "val_loss": final_eval(workdir)["ce"], "train_seconds": arm_seconds(workdir)}
-            for b in (1, 8):
-                row[f"decode_tok_s_b{b}"] = decode_tokens_per_s(model, b, size["context"], size["new_tokens"],
-                                                                 size["reps"])
             per_seed[arm][seed] = row
+            models[arm] = model
             curves[arm].append(train_curve(workdir))
-            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        for b in (1, 8):  # this seed's three models, timed in alternation
+            for arm, rate in decode_tokens_per_s(models, b, size["context"], size["new_tokens"],
+                                                 size["reps"]).items():
+                per_seed[arm][seed][f"decode_tok_s_b{b}"] = rate
+        for arm in ARMS:
+            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in per_seed[arm][seed].items()),
+                  flush=True)
     settings = {"preset": args.preset, "kv_heads": args.kv_heads, "steps": steps, "seeds": seeds,
                 "batch": size["batch"], "seq_len": size["seq_len"], "corpus_bytes": size["corpus_bytes"],
                 "eval_fraction": size["eval_fraction"], "decode_context": size["context"],
