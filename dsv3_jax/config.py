@@ -16,6 +16,7 @@ from typing import Any
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 ROPE_TYPES = ("default", "yarn")
+ATTENTIONS = ("mla", "mha", "gqa")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,6 +36,13 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # The attention of every block: "mla" (the paper's), or for ablations standard multi-head ("mha") or
+    # grouped-query ("gqa") attention with RoPE on the whole head (dsv3_jax/model/attention.py), which use
+    # num_key_value_heads (gqa: divides num_attention_heads; mha: the heads) and head_dim (default
+    # qk_nope_head_dim + qk_rope_head_dim, MLA's query/key width) instead of the MLA sizes above.
+    attention: str = "mla"
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
     # DeepSeekMoE (paper §2.1.2).
     n_routed_experts: int = 256
     n_shared_experts: int = 1
@@ -69,6 +77,21 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of MHA/GQA (num_key_value_heads, or num_attention_heads when unset)."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Per-head query/key (and MHA/GQA value) width: head_dim, or qk_nope_head_dim + qk_rope_head_dim."""
+        return self.head_dim or self.qk_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates: MLA's decoupled qk_rope_head_dim, or the whole head for MHA/GQA."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.attn_head_dim
 
     @property
     def num_moe_layers(self) -> int:
@@ -122,6 +145,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
         if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 1):
             raise ValueError(f"ModelConfig.rope_theta must be a finite number > 1, got {self.rope_theta!r}")
+        self._validate_attention()
         if self.scoring_func not in SCORING_FUNCS:
             raise ValueError(f"ModelConfig.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
         has_moe = self.num_moe_layers > 0 or self.num_mtp_layers > 0
@@ -143,6 +167,31 @@ class ModelConfig:
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"ModelConfig.{name} ({value}) is outside the vocabulary [0, {self.vocab_size})")
         return self
+
+    def _validate_attention(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        for name in ("num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.attention == "mla":
+                raise ValueError(f"ModelConfig.{name} applies to attention='mha' or 'gqa' only (MLA's sizes are "
+                                 f"kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim), got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
+        h, kv = self.num_attention_heads, self.num_key_value_heads
+        if self.attention == "mha" and kv is not None and kv != h:
+            raise ValueError(f"ModelConfig.num_key_value_heads ({kv}) must equal num_attention_heads ({h}) for "
+                             "attention='mha'; use attention='gqa' for fewer key/value heads")
+        if self.attention == "gqa":
+            if kv is None:
+                raise ValueError("ModelConfig.num_key_value_heads must be set for attention='gqa'")
+            if h % kv:
+                raise ValueError(f"ModelConfig.num_key_value_heads ({kv}) must divide num_attention_heads ({h})")
+        if self.attention != "mla" and self.attn_head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even (RoPE rotates pairs of the whole head), got "
+                             f"{self.attn_head_dim}")
 
     def _validate_moe(self) -> None:
         e = self.n_routed_experts
@@ -221,6 +270,7 @@ def _from_hf(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
         return hf[key]
 
     rope = _rope_from_hf(hf)
+    attention = _attention_from_hf(hf)
     n_group = hf.get("n_group") or 1
     kwargs = dict(
         vocab_size=req("vocab_size"), hidden_size=req("hidden_size"),
@@ -239,9 +289,21 @@ def _from_hf(cls: type[ModelConfig], hf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=req("max_position_embeddings"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         initializer_range=0.006, bos_token_id=_token_id(hf, "bos_token_id"),
-        eos_token_id=_token_id(hf, "eos_token_id"), **rope,
+        eos_token_id=_token_id(hf, "eos_token_id"), **rope, **attention,
     )
     return cls(**kwargs).validate()
+
+
+def _attention_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """The attention fields: this project's "attention" key (absent in released configs, which are MLA, whose
+    num_key_value_heads is metadata); for MHA/GQA also num_key_value_heads and head_dim."""
+    attention = hf.get("attention", "mla")
+    if attention == "mla":
+        return {}
+    kv = hf.get("num_key_value_heads")
+    if attention == "mha" and kv == hf.get("num_attention_heads"):
+        kv = None  # the config's default form
+    return dict(attention=attention, num_key_value_heads=kv, head_dim=hf.get("head_dim"))
 
 
 def _token_id(hf: dict[str, Any], key: str) -> int | None:
@@ -316,6 +378,8 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "initializer_range": cfg.initializer_range, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
     }
+    if cfg.attention != "mla":  # not a released layout: hf.save_pretrained refuses it, the training meta keeps it
+        hf.update(attention=cfg.attention, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim)
     if cfg.uses_yarn:
         scaling: dict[str, Any] = {
             "type": "yarn", "factor": cfg.rope_factor,

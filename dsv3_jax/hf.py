@@ -251,6 +251,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, precision: Preci
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg_path = os.path.join(path, "config.json")
     cfg = ModelConfig.from_json_file(cfg_path)
+    _check_released_attention(cfg, cfg_path)
     with open(cfg_path) as f:
         hf_cfg = json.load(f)
     _check_quantization(hf_cfg.get("quantization_config"), cfg_path)
@@ -311,6 +312,13 @@ def _check_copies(reader: _ExpertView, cfg: ModelConfig, used: set[str]) -> None
                              "embedding and output head, so the checkpoint's copies must be identical")
 
 
+def _check_released_attention(cfg: ModelConfig, where: str) -> None:
+    """The released layout exists for MLA only; an MHA/GQA ablation model has none to read or write."""
+    if cfg.attention != "mla":
+        raise ValueError(f"{where}: attention={cfg.attention!r} has no released checkpoint layout (the DeepSeek "
+                         "format stores MLA only); keep MHA/GQA models as training work directories")
+
+
 def _check_quantization(qc, cfg_path: str) -> None:
     if not qc:
         return
@@ -330,8 +338,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes
     """Write config.json and safetensors (sharded past max_shard_bytes) in the released layout, tensor by tensor,
     in the parameters' own dtype; from_pretrained reads it back exactly."""
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     cfg = model.config
+    _check_released_attention(cfg, "the model's config")
+    os.makedirs(path, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     cfg_path = os.path.join(path, "config.json")
     if os.path.exists(cfg_path) and not overwrite:

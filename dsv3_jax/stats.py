@@ -20,7 +20,7 @@ class ModelStats:
     total_params: int  # main model: embedding, layers, final norm, head (expert biases included, as stored)
     mtp_params: int  # MTP modules without the copies of the shared embedding and head
     activated_params: int  # per token: everything but the routed experts, plus K of E routed experts per MoE layer
-    kv_cache_bytes_per_token: int  # absorbed latent cache, bf16, main-model layers
+    kv_cache_bytes_per_token: int  # absorbed latent cache (MHA/GQA: keys and values), bf16, main-model layers
     adam_bytes_bf16: int = 0  # AdamW moments (both) of main + MTP parameters stored in bf16 (paper §3.3.3)
     adam_bytes_fp32: int = 0  # the same in float32
 

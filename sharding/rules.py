@@ -22,6 +22,7 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "embed": None,
     "vocab": "tp",
     "heads": "tp",
+    "kv_heads": None,  # GQA's few key/value heads (possibly fewer than tp): replicated, each rank reads its group
     "mlp": "tp",
     "shared_mlp": "tp",
     "experts": "ep",

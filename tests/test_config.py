@@ -42,7 +42,8 @@ RELEASED_V3_CONFIG = {
 EXPECTED_V3 = dict(
     vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
     first_k_dense_replace=3, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-    qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+    qk_rope_head_dim=64, v_head_dim=128, attention="mla", num_key_value_heads=None, head_dim=None,
+    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
     topk_group=4, routed_scaling_factor=2.5, scoring_func="sigmoid", expert_bias=True, norm_topk_prob=True,
     num_mtp_layers=1, rms_norm_eps=1e-6, max_position_embeddings=163840, rope_theta=10000.0, rope_type="yarn",
     rope_factor=40.0, rope_original_max_position_embeddings=4096, rope_beta_fast=32.0, rope_beta_slow=1.0,

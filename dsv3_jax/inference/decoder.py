@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.inference.cache import LatentCache
+from dsv3_jax.inference.cache import KVCache, LatentCache, cache_layout
 from dsv3_jax.model.rope import rope_cos_sin
 
 
@@ -65,15 +65,15 @@ class Decoder(NamedTuple):
         layers = [nnx.merge(d, s) for d, s in zip(self.layer_defs, layer_states)]
         return nnx.merge(self.graphdef, state).forward_cached(tokens_BT, positions_BT, cache, layers)
 
-    def mtp_forward(self, state, mtp_state, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache):
+    def mtp_forward(self, state, mtp_state, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache | KVCache):
         """The first MTP module at `positions` (h_i of the main model, token i+1) against its own one-layer cache:
         (logits [B,T,V], cache). Call under jit."""
         model, mod = nnx.merge(self.graphdef, state), nnx.merge(self.mtp_def, mtp_state)
         cos, sin = rope_cos_sin(positions_BT, model.config)
         emb = model.embed_tokens(next_tokens_BT)
         x = jnp.concatenate([mod.enorm(emb), mod.hnorm(hidden_BTD)], axis=-1) @ mod.eh_proj[...].astype(emb.dtype)
-        h, c, pe = mod.block.cached(x, cos, sin, positions_BT, cache.c_kv[0], cache.k_pe[0])
-        return model.output_head(mod.head_norm(h)), LatentCache((c,), (pe,))
+        h, a, b = mod.block.cached(x, cos, sin, positions_BT, cache[0][0], cache[1][0])
+        return model.output_head(mod.head_norm(h)), type(cache)((a,), (b,))
 
     def static(self) -> tuple:
         """The hashable part (graph definitions), the key of compiled steps."""
@@ -88,11 +88,13 @@ def _unstack(stacked, n: int):
     return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
 
 
-def layer_cache(cfg, batch: int, max_len: int, dtype, layers: int | None = None) -> LatentCache:
-    """A zero latent cache as per-layer arrays ([B, S, C] and [B, S, R] for each of `layers` layers)."""
+def layer_cache(cfg, batch: int, max_len: int, dtype, layers: int | None = None) -> LatentCache | KVCache:
+    """A zero cache as per-layer arrays for each of `layers` layers: [B, S, C] and [B, S, R] (MLA's latent cache)
+    or [B, S, G, K] keys and values (MHA/GQA)."""
     n = cfg.num_hidden_layers if layers is None else layers
-    return LatentCache(tuple(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype) for _ in range(n)),
-                       tuple(jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype) for _ in range(n)))
+    kind, a, b = cache_layout(cfg)
+    return kind(tuple(jnp.zeros((batch, max_len) + a, dtype) for _ in range(n)),
+                tuple(jnp.zeros((batch, max_len) + b, dtype) for _ in range(n)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,5 +1,7 @@
 """Decoupled RoPE with YaRN extension (paper §2.1.1 eqs. 3, 8; §4.3; reference §3.4).
 
+The rotated width is cfg.rope_dim: MLA's decoupled qk_rope_head_dim, or the whole head of MHA/GQA.
+
 Rotations act on interleaved pairs (2j, 2j+1), the layout of the released checkpoint's RoPE rows. transformers
 permutes to a half-split layout first; q.k is identical either way (tests/model/test_rope.py checks it).
 """
@@ -24,7 +26,7 @@ def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
 
 def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
     """The (low, high) rotary-dimension bounds of the ramp: (10, 23) for DeepSeek-V3."""
-    dim, base, orig = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_original_max_position_embeddings
+    dim, base, orig = cfg.rope_dim, cfg.rope_theta, cfg.rope_original_max_position_embeddings
 
     def corr(n_rot: float) -> float:
         return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
@@ -40,13 +42,13 @@ def yarn_ramp(cfg: ModelConfig) -> np.ndarray:
     low, high = yarn_correction_range(cfg)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    j = np.arange(cfg.qk_rope_head_dim // 2, dtype=np.float32)
+    j = np.arange(cfg.rope_dim // 2, dtype=np.float32)
     return np.clip((j - np.float32(low)) / np.float32(high - low), 0, 1).astype(np.float32)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies [R/2] (float32): base^(-2j/R), YaRN-blended when cfg.rope_type == 'yarn'."""
-    dim = cfg.qk_rope_head_dim
+    dim = cfg.rope_dim
     freqs = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
     freqs = freqs.astype(np.float32)
     if not cfg.uses_yarn:
@@ -69,8 +71,8 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """1/sqrt(qk_head_dim), times mscale^2 under YaRN (0.1352337788608801 for DeepSeek-V3)."""
-    scale = cfg.qk_head_dim ** -0.5
+    """1/sqrt(qk_head_dim) (MHA/GQA: head_dim), times mscale^2 under YaRN (0.1352337788608801 for DeepSeek-V3)."""
+    scale = cfg.attn_head_dim ** -0.5
     if cfg.uses_yarn and cfg.rope_mscale_all_dim:
         m = yarn_get_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)
         scale = scale * m * m

@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import fp8_linear
+from dsv3_jax.model.attention import GQA
 from dsv3_jax.model.compiled import compiled_method
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.mla import MLA
@@ -38,12 +39,13 @@ class ModelOutput(NamedTuple):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: h += MLA(norm(h)); h += FFN(norm(h)), FFN dense SwiGLU or MoE."""
+    """Pre-norm residual block: h += Attn(norm(h)); h += FFN(norm(h)), FFN dense SwiGLU or MoE. Attn is MLA, or
+    MHA/GQA (model/attention.py) by cfg.attention."""
 
     def __init__(self, cfg: ModelConfig, moe: bool, dtype, rngs: nnx.Rngs, fp8: bool = False):
         self.is_moe = moe
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
-        self.attn = MLA(cfg, dtype, rngs, fp8=fp8)
+        self.attn = (MLA if cfg.attention == "mla" else GQA)(cfg, dtype, rngs, fp8=fp8)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype)
         self.ffn = (MoE(cfg, dtype, rngs, fp8=fp8) if moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, cfg.initializer_range, fp8=fp8))
@@ -56,13 +58,13 @@ class Block(nnx.Module):
             y, aux = self.ffn(self.ffn_norm(h_BTD)), None
         return h_BTD + y, aux
 
-
-    def cached(self, h_BTD, cos, sin, positions_BT, c_cache, pe_cache):
-        """The block over new tokens with the latent cache (absorbed attention); returns (h, c_cache, pe_cache)."""
-        a, c_cache, pe_cache = self.attn.cached(self.attn_norm(h_BTD), cos, sin, positions_BT, c_cache, pe_cache)
+    def cached(self, h_BTD, cos, sin, positions_BT, cache_a, cache_b):
+        """The block over new tokens with this layer's cache, (c_kv, k_pe) for MLA (absorbed attention) or (k, v)
+        for MHA/GQA; returns (h, cache_a, cache_b)."""
+        a, cache_a, cache_b = self.attn.cached(self.attn_norm(h_BTD), cos, sin, positions_BT, cache_a, cache_b)
         h_BTD = h_BTD + a
         y = self.ffn(self.ffn_norm(h_BTD))
-        return h_BTD + (y[0] if self.is_moe else y), c_cache, pe_cache
+        return h_BTD + (y[0] if self.is_moe else y), cache_a, cache_b
 
 
 class MTPModule(nnx.Module):
@@ -198,7 +200,8 @@ class Transformer(nnx.Module):
 
     @compiled_method
     def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache, layers=None):
-        """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache; returns
+        """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache (MLA) or KVCache
+        (MHA/GQA); returns
         (logits, hidden [B,T,D] after the final norm, updated cache). Prefill passes the prompt at positions
         0..T-1, decode one token per sequence at its own position; slots past a query's position are never read.
 
@@ -207,13 +210,14 @@ class Transformer(nnx.Module):
         its stack at every step, which dominates a decode step on the CPU."""
         cos, sin = rope_cos_sin(positions_BT, self.config)
         h = self.embed_tokens(tokens_BT)
+        first, second = cache  # (c_kv, k_pe) or (k, v), each [L, ...] or per-layer sequences
         if layers is not None:
-            c_kv, k_pe = [], []
-            for layer, c, pe in zip(layers, cache.c_kv, cache.k_pe, strict=True):
-                h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
-                c_kv.append(c)
-                k_pe.append(pe)
-            new_cache = type(cache)(tuple(c_kv), tuple(k_pe))
+            new_a, new_b = [], []
+            for layer, a, b in zip(layers, first, second, strict=True):
+                h, a, b = layer.cached(h, cos, sin, positions_BT, a, b)
+                new_a.append(a)
+                new_b.append(b)
+            new_cache = type(cache)(tuple(new_a), tuple(new_b))
         else:
             k = self.config.num_dense_layers
 
@@ -221,8 +225,8 @@ class Transformer(nnx.Module):
                 h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
                 return h, (c, pe)
 
-            h, dense = scan_layers(self.dense_layers, body, h, cache.c_kv[:k], cache.k_pe[:k])
-            h, moe = scan_layers(self.moe_layers, body, h, cache.c_kv[k:], cache.k_pe[k:])
+            h, dense = scan_layers(self.dense_layers, body, h, first[:k], second[:k])
+            h, moe = scan_layers(self.moe_layers, body, h, first[k:], second[k:])
             parts = [x for x in (dense, moe) if x is not None]
             new_cache = type(cache)(jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts]))
         hidden = self.norm(h)

@@ -16,7 +16,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -
 
     Matmul parameters: the activated parameters without the embedding lookup (the head is a matmul), plus for each
     MTP module its activated block and eh_proj and another pass through the head. Attention: q.k over
-    qk_head_dim and p.v over v_head_dim for H heads against (seq_len + 1)/2 keys on average (causal).
+    qk_head_dim and p.v over v_head_dim (MHA/GQA: head_dim both) for H heads against (seq_len + 1)/2 keys on
+    average (causal).
     """
     stats = model_stats(cfg)
     v, d = cfg.vocab_size, cfg.hidden_size
@@ -28,7 +29,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -
             1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
         matmul += mtp_active + cfg.num_mtp_layers * v * d
         layers += cfg.num_mtp_layers
-    attention = layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1) / 2
+    qk_v = cfg.qk_head_dim + cfg.v_head_dim if cfg.attention == "mla" else 2 * cfg.attn_head_dim
+    attention = layers * 2 * cfg.num_attention_heads * qk_v * (seq_len + 1) / 2
     return 3.0 * (2.0 * matmul + attention)
 
 
