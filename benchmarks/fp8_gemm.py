@@ -25,7 +25,7 @@ import numpy as np
 from dsv3_jax.fp8 import act_quant, calc_diff, weight_quant
 from pallas_kernels import fp8_gemm
 from pallas_kernels.fp8_gemm_mosaic import MosaicConfig
-from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
+from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, pair_arg, summarize  # beside this file
 
 SHAPES_KN = ((7168, 2112), (1536, 24576), (512, 32768), (16384, 7168), (7168, 4096), (2048, 7168))
 GPU_M, CPU_M = 4096, 128
@@ -71,16 +71,6 @@ def _tune(args, reps: int, flops: float, ref) -> list[dict]:
     return rows
 
 
-def _parse_shape(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be KxN (e.g. 7168x2112), got {text!r}") from None
-    if k < 1 or n < 1:
-        raise argparse.ArgumentTypeError(f"shape must have positive K and N, got {text!r}")
-    return k, n
-
-
 def bench_shape(m: int, k: int, n: int, on_gpu: bool, reps: int, repeats: int, tune: bool = False) -> dict:
     """Time one (M, K, N), interleaved ``repeats`` times: the FP8 kernel, the jnp reference (CPU only) and the
     bf16 jnp.dot; each figure the median over the repeats, with _median/_min/_max."""
@@ -122,7 +112,7 @@ def bench_shape(m: int, k: int, n: int, on_gpu: bool, reps: int, repeats: int, t
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line at the end")
-    ap.add_argument("--shapes", nargs="+", type=_parse_shape, metavar="KxN", default=list(SHAPES_KN),
+    ap.add_argument("--shapes", nargs="+", type=pair_arg("KxN", "7168x2112"), metavar="KxN", default=list(SHAPES_KN),
                     help="(K, N) pairs; default: the six DeepSeek-V3 shapes of reference §5.2")
     ap.add_argument("--m", type=int, default=None, help=f"rows of A (default {GPU_M} on GPU, {CPU_M} on CPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement after an ahead-of-time "

@@ -26,16 +26,7 @@ from dsv3_jax.precision import Precision
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        b, t = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must be BATCHxSEQ (e.g. 8x256), got {text!r}") from None
-    if b < 1 or t < 1:
-        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
-    return b, t
+from protocol import pair_arg  # beside this file
 
 
 def bench(cfg, precision: str, batch: int, seq: int, steps: int) -> dict:
@@ -66,7 +57,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line at the end")
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--shapes", nargs="+", type=_shape, default=[(8, 256), (32, 1024)], metavar="BxT")
+    ap.add_argument("--shapes", nargs="+", type=pair_arg("BATCHxSEQ", "8x256"), default=[(8, 256), (32, 1024)], metavar="BxT")
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["fp32", "bf16", "fp8"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's nominal dense bf16 peak")

@@ -84,3 +84,18 @@ def header(state: Mapping[str, float | bool], repeats: int) -> str:
     """The line that opens a script's printed figures: repeats, and the load average it started at."""
     return (f"median of {repeats} interleaved runs (min-max in brackets); load average {state['load_average']:.2f} "
             f"at start{'' if state['quiet'] else ' (busy)'}")
+
+
+def pair_arg(letters: str, example: str) -> Callable[[str], tuple[int, int]]:
+    """An argparse type for two positive sizes written like ``example`` ("7168x2112" for letters "KxN")."""
+
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            a, b = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {letters} (e.g. {example}), got {text!r}") from None
+        if a < 1 or b < 1:
+            raise argparse.ArgumentTypeError(f"{letters} must be positive, got {text!r}")
+        return a, b
+
+    return parse

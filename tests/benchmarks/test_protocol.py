@@ -68,3 +68,13 @@ def test_repeats_flag_defaults_to_three(protocol):
     ap = argparse.ArgumentParser()
     protocol.add_repeats_arg(ap)
     assert ap.parse_args([]).repeats == 3 and ap.parse_args(["--repeats", "5"]).repeats == 5
+
+
+def test_pair_arg_parses_two_positive_sizes(protocol):
+    import argparse
+
+    parse = protocol.pair_arg("KxN", "7168x2112")
+    assert parse("7168x2112") == (7168, 2112) and parse("8X256") == (8, 256)
+    for bad, message in (("7168", "expected KxN"), ("0x5", "must be positive"), ("axb", "expected KxN")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(bad)
