@@ -84,6 +84,7 @@ def report(out, workdirs: dict[str, dict[int, pathlib.Path]], settings: dict) ->
     """Metrics of the trained arms' work directories, the plot, results.json and results.md in `out`."""
     if "no_mtp" not in workdirs:
         raise ValueError("no no_mtp arm to compare against")
+    workdirs = dict(sorted(workdirs.items(), key=lambda item: settings["depths"][item[0]]))  # no_mtp first
     per_seed: dict[str, dict[int, dict]] = {name: {} for name in workdirs}
     curves: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in workdirs}
     for name, runs in workdirs.items():
