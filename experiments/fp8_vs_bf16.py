@@ -115,7 +115,7 @@ def width_table(summary: dict) -> str:
 
 
 def plot(path, summary: dict, curves: dict[str, dict[int, np.ndarray]], widths: list[int], smooth: int) -> None:
-    """Left: the final relative gap against width (per seed and mean ± std), with the bf16-vs-fp32 floor; right:
+    """Left: the final relative gap against width (mean ± std over seeds), with the bf16-vs-fp32 floor; right:
     the smoothed (fp8 - bf16) / bf16 along the run per width, mean over seeds."""
     plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
