@@ -39,7 +39,8 @@ BASE_WIDTH = 64  # tiny's hidden size
 SIZES = {
     "default": dict(widths=[32, 64, 128], steps=60, batch=8, seq_len=64, corpus_bytes=2_000_000, smooth=10,
                     seeds=[0, 1, 2]),
-    "quick": dict(widths=[16, 32], steps=10, batch=4, seq_len=32, corpus_bytes=400_000, smooth=4, seeds=[0]),
+    "quick": dict(widths=[16, 32], steps=10, batch=4, seq_len=32, corpus_bytes=400_000, smooth=4, seeds=[0],
+                  mtp_depth=0),  # quick: no MTP module (less to compile; the default keeps tiny's)
 }
 
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = [str(p) for p in default_corpus_files(size["corpus_bytes"])]
     base = RunArgs(workdir="", steps=size["steps"], preset=PRESET, batch=size["batch"], seq_len=size["seq_len"],
-                   data=data, eval_fraction=0.0, save_every=size["steps"], keep=1)
+                   data=data, eval_fraction=0.0, save_every=size["steps"], keep=1, mtp_depth=size.get("mtp_depth"))
     workdirs: dict[str, dict[int, pathlib.Path]] = {}
     first = None
     for d in widths:
