@@ -3,7 +3,7 @@ multi-token-prediction module (arm `mtp`, the paper's 0.3 -> 0.1 weight schedule
 without (arm `no_mtp`, mtp_depth=0) on the same data, seed and token budget; the MTP module is discarded at
 evaluation, so `val_loss` is the main model's held-out next-token cross-entropy (what --eval-every logs).
 
-    python experiments/mtp_vs_no_mtp.py --out runs/mtp_vs_no_mtp           # default: ~12 min on 2 quiet cores
+    python experiments/mtp_vs_no_mtp.py --out runs/mtp_vs_no_mtp           # default: ~10 min on 2 quiet cores (est.)
     python experiments/mtp_vs_no_mtp.py --out /tmp/mtp --quick             # ~30 s (CI)
     python experiments/mtp_vs_no_mtp.py --out runs/mtp2 --depth2           # adds arm `mtp_d2` (depth 2)
     python experiments/mtp_vs_no_mtp.py --out runs/all --merge runs/s0 runs/s1 # report runs made per seed
@@ -57,7 +57,7 @@ def _cell(key: str, value: float) -> str:
     """A results.md cell: parameter counts as integers, seconds to 0.1 s, losses to 4 decimals."""
     if key.startswith("params"):
         return f"{value:,.0f}"
-    return f"{value:.1f}" if key.endswith("seconds") else f"{value:+.4f}" if key.startswith("delta") else f"{value:.4f}"
+    return f"{value:.1f}" if key.endswith("seconds") else f"{value:.4f}"
 
 
 def plot(path, curves: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]) -> None:
