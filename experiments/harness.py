@@ -69,7 +69,8 @@ def run_arm(base: RunArgs, workdir: pathlib.Path, reuse_cache: pathlib.Path | No
 def merge_runs(dirs: Iterable[str | pathlib.Path], vary: tuple[str, ...] = ("seeds",)
                ) -> tuple[dict[str, dict[int, pathlib.Path]], dict]:
     """({arm: {seed: work directory}}, settings) of several finished runs of one script (e.g. one per seed, run in
-    parallel): arms are their NAME_sSEED directories; settings are the first run's with the `vary` lists joined.
+    parallel): arms are their NAME_sSEED directories; settings are the first run's with the `vary` lists joined
+    (dicts united).
     ValueError when a directory has no results.json, the runs' other settings differ, or an arm/seed repeats."""
     workdirs: dict[str, dict[int, pathlib.Path]] = {}
     settings: dict | None = None
@@ -78,13 +79,14 @@ def merge_runs(dirs: Iterable[str | pathlib.Path], vary: tuple[str, ...] = ("see
             raise ValueError(f"--merge {d}: no results.json (not a finished run of this script)")
         these = json.loads((d / "results.json").read_text())["settings"]
         if settings is None:
-            settings = {k: (list(v) if k in vary else v) for k, v in these.items()}
+            settings = {k: (list(v) if k in vary and isinstance(v, list) else v) for k, v in these.items()}
         else:
             diff = sorted(k for k in set(settings) | set(these) if k not in vary and settings.get(k) != these.get(k))
             if diff:
                 raise ValueError(f"--merge {d}: settings {diff} differ from the first run's")
-            for k in vary:
-                settings[k] = sorted(set(settings[k]) | set(these[k]))
+            for k in vary:  # lists joined, dicts (e.g. per-width settings) united
+                settings[k] = ({**settings[k], **these[k]} if isinstance(these[k], dict)
+                               else sorted(set(settings[k]) | set(these[k])))
         for arm in sorted(p for p in d.iterdir() if (p / "seconds.txt").is_file()):
             name, _, seed = arm.name.rpartition("_s")
             if not seed.isdigit():
