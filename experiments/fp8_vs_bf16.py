@@ -4,7 +4,7 @@ towards `small` (every matrix dimension of `tiny` scaled with the hidden size d;
 each width trained with --precision bf16 and fp8, and fp32 as the noise floor (how far two precisions that are
 both "exact enough" drift apart along the same run), on the same data, seed and schedule.
 
-    python experiments/fp8_vs_bf16.py --out runs/fp8_vs_bf16                # default: 7 min measured at load ~4 on 2 cores
+    python experiments/fp8_vs_bf16.py --out runs/fp8_vs_bf16                # default: 7 min at load ~4 on 2 cores
     python experiments/fp8_vs_bf16.py --out /tmp/fp8 --quick                # ~40 s (CI; no fp32 arms)
     python experiments/fp8_vs_bf16.py --out runs/fp8 --widths 64 128 256 512 --no-fp32
     python experiments/fp8_vs_bf16.py --out runs/all --merge runs/d64_s0 runs/d128_s0 ...  # report parallel runs
