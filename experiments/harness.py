@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shutil
 import time
 from typing import Any, Callable, Iterable
 
@@ -48,13 +49,54 @@ def check_seeds(seeds: Iterable[int]) -> list[int]:
     return seeds
 
 
-def run_arm(base: RunArgs, workdir: pathlib.Path, **overrides: Any) -> pathlib.Path:
-    """Train one arm: `base` with `overrides` into `workdir` (no end-of-run sample, no progress bar)."""
+def run_arm(base: RunArgs, workdir: pathlib.Path, reuse_cache: pathlib.Path | None = None,
+            **overrides: Any) -> pathlib.Path:
+    """Train one arm: `base` with `overrides` into `workdir` (no end-of-run sample, no progress bar).
+    `reuse_cache`: an earlier arm's work directory whose tokenizer and token caches are copied in first (the cache
+    files are keyed by a hash of the data, tokenizer and split, so only matching ones are used: no re-tokenizing)."""
     args = dataclasses.replace(base, workdir=str(workdir), sample_tokens=0, progress=False, **overrides)
+    if reuse_cache is not None:
+        (workdir / "cache").mkdir(parents=True, exist_ok=True)
+        for path in (pathlib.Path(reuse_cache) / "cache").glob("*.*"):
+            if path.is_file() and path.name.startswith(("tokenizer-", "tokens-")):
+                shutil.copyfile(path, workdir / "cache" / path.name)
     t0 = time.perf_counter()
     train(args)
     (workdir / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     return workdir
+
+
+def merge_runs(dirs: Iterable[str | pathlib.Path], vary: tuple[str, ...] = ("seeds",)
+               ) -> tuple[dict[str, dict[int, pathlib.Path]], dict]:
+    """({arm: {seed: work directory}}, settings) of several finished runs of one script (e.g. one per seed, run in
+    parallel): arms are their NAME_sSEED directories; settings are the first run's with the `vary` lists joined
+    (dicts united).
+    ValueError when a directory has no results.json, the runs' other settings differ, or an arm/seed repeats."""
+    workdirs: dict[str, dict[int, pathlib.Path]] = {}
+    settings: dict | None = None
+    for d in map(pathlib.Path, dirs):
+        if not (d / "results.json").is_file():
+            raise ValueError(f"--merge {d}: no results.json (not a finished run of this script)")
+        these = json.loads((d / "results.json").read_text())["settings"]
+        if settings is None:
+            settings = {k: (list(v) if k in vary and isinstance(v, list) else v) for k, v in these.items()}
+        else:
+            diff = sorted(k for k in set(settings) | set(these) if k not in vary and settings.get(k) != these.get(k))
+            if diff:
+                raise ValueError(f"--merge {d}: settings {diff} differ from the first run's")
+            for k in vary:  # lists joined, dicts (e.g. per-width settings) united
+                settings[k] = ({**settings[k], **these[k]} if isinstance(these[k], dict)
+                               else sorted(set(settings[k]) | set(these[k])))
+        for arm in sorted(p for p in d.iterdir() if (p / "seconds.txt").is_file()):
+            name, _, seed = arm.name.rpartition("_s")
+            if not seed.isdigit():
+                continue
+            if int(seed) in workdirs.setdefault(name, {}):
+                raise ValueError(f"--merge: arm {name} seed {seed} appears twice ({arm})")
+            workdirs[name][int(seed)] = arm
+    if settings is None:
+        raise ValueError("--merge needs at least one directory")
+    return workdirs, settings
 
 
 def read_evals(workdir: str | pathlib.Path) -> list[dict]:
@@ -116,15 +158,17 @@ def markdown_table(arms: dict[str, dict[str, float]], metrics: list[str],
 
 
 def write_results(out: pathlib.Path, per_seed: dict[str, dict[int, dict[str, float]]], settings: dict,
-                  metrics: list[str], title: str, notes: str = "", extra: dict | None = None) -> dict:
-    """Write results.json and results.md (title, table of `metrics`, notes); return the results object."""
+                  metrics: list[str], title: str, notes: str = "", extra: dict | None = None,
+                  fmt: Callable[[str, float], str] | None = None) -> dict:
+    """Write results.json and results.md (title, table of `metrics` with cell format `fmt`, notes); return the
+    results object."""
     arms = {name: aggregate(rows) for name, rows in per_seed.items()}
     results = {"arms": arms, "settings": settings,
                "seeds": {name: {str(s): row for s, row in rows.items()} for name, rows in per_seed.items()},
                **(extra or {})}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     seeds = sorted({s for rows in per_seed.values() for s in rows})
-    table = markdown_table(arms, metrics)
+    table = markdown_table(arms, metrics, fmt)
     text = f"# {title}\n\n{table}\nSeeds {seeds}: mean ± sample standard deviation over seeds.\n"
     (out / "results.md").write_text(text + (f"\n{notes.strip()}\n" if notes else ""))
     print(f"\n{title}\n{table}")

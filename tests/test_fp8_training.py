@@ -255,7 +255,7 @@ STEPS, BATCH, SEQ = 60, 8, 64
 # The tiny preset cut to one MoE layer without MTP: one scanned block body, so the two compiles (bf16, fp8) fit
 # the test budget. The block still runs every FP8 path of the model (MLA projections, shared-expert SwiGLU,
 # routed experts); the dense MLP and eh_proj are the same fp8_linear. Figures for the full tiny preset and for
-# `small` come from experiments/fp8_vs_bf16.py.
+# widths from tiny towards `small` come from experiments/fp8_vs_bf16.py.
 CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0, num_mtp_layers=0)
 
 
