@@ -4,7 +4,7 @@ towards `small` (every matrix dimension of `tiny` scaled with the hidden size d;
 each width trained with --precision bf16 and fp8, and fp32 as the noise floor (how far two precisions that are
 both "exact enough" drift apart along the same run), on the same data, seed and schedule.
 
-    python experiments/fp8_vs_bf16.py --out runs/fp8_vs_bf16                # default: 7 min at load ~4 on 2 cores
+    python experiments/fp8_vs_bf16.py --out runs/fp8_vs_bf16                # default: ~12 min at load ~4, 2 cores
     python experiments/fp8_vs_bf16.py --out /tmp/fp8 --quick                # ~40 s (CI; no fp32 arms)
     python experiments/fp8_vs_bf16.py --out runs/fp8 --widths 64 128 256 512 --no-fp32
     python experiments/fp8_vs_bf16.py --out runs/all --merge runs/d64_s0 runs/d128_s0 ...  # report parallel runs
@@ -15,8 +15,9 @@ final_loss (training cross-entropy of the main model, mean of the last `smooth` 
 bf16 and fp8 arms), train_seconds. results.json also has "widths": per width the parameter count and the two
 relative gaps over seeds (mean, std, min, max). Writes rel_gap.png (the gap against width, and the smoothed gap
 along the run). On the CPU the FP8 GEMMs are simulated (quantize, dequantize, FP32 GEMM), so FP8 steps are slower,
-not faster (about 10x a bf16 step at d=64): the default keeps the ladder at d = 32, 64, 128 and the runs at 60 steps
-(the issue's setting: 60 tiny steps at 8 x 64); `--widths 64 128 256` reaches further towards `small` (d=512).
+not faster (about 10x a bf16 step at d=64): the default ladder is d = 32, 64, 128, 256 at 60 steps (the issue's
+setting: 60 tiny steps at 8 x 64; d=128 and d=256 took 7 min 15 s and 4 min 50 s as two runs at load ~4);
+`--widths 256 512` reaches `small`'s width (d=512).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from experiments.harness import (arm_seconds, check_seeds, merge_runs, new_out_d
 PRESET = "tiny"
 BASE_WIDTH = 64  # tiny's hidden size
 SIZES = {
-    "default": dict(widths=[32, 64, 128], steps=60, batch=8, seq_len=64, corpus_bytes=2_000_000, smooth=10,
+    "default": dict(widths=[32, 64, 128, 256], steps=60, batch=8, seq_len=64, corpus_bytes=2_000_000, smooth=10,
                     seeds=[0, 1, 2]),
     "quick": dict(widths=[16, 32], steps=10, batch=4, seq_len=32, corpus_bytes=400_000, smooth=4, seeds=[0],
                   mtp_depth=0),  # quick: no MTP module (less to compile; the default keeps tiny's)
