@@ -16,7 +16,7 @@ bf16 and fp8 arms), train_seconds. results.json also has "widths": per width the
 relative gaps over seeds (mean, std, min, max). Writes rel_gap.png (the gap against width, and the smoothed gap
 along the run). On the CPU the FP8 GEMMs are simulated (quantize, dequantize, FP32 GEMM), so FP8 steps are slower,
 not faster (about 10x a bf16 step at d=64): the default ladder is d = 32, 64, 128, 256 at 60 steps (the issue's
-setting: 60 tiny steps at 8 x 64; d=128 and d=256 took 7 min 15 s and 4 min 50 s as two runs at load ~4);
+setting: 60 tiny steps at 8 x 64; d = 32-128 took 7 min 15 s and d = 256 4 min 50 s at load ~4);
 `--widths 256 512` reaches `small`'s width (d=512).
 """
 
