@@ -38,6 +38,13 @@ SIZES = {
 METRICS = ["val_loss", "max_vio_batch", "max_vio_global", "train_loss"]
 
 
+def aux_free_vs_aux_loss_arms(alpha: float | None) -> dict[str, dict]:
+    """The two arms' RunArgs overrides: aux_free (bias rule, no balance loss), aux_loss (sequence-wise loss, no bias)."""
+    alpha = DEFAULT_BALANCE_ALPHA["aux-loss"] if alpha is None else alpha
+    return {"aux_free": dict(balance="aux-free", balance_alpha=0.0),
+            "aux_loss": dict(balance="aux-loss", balance_alpha=alpha)}
+
+
 def base_args(size: dict, corpus: dict, preset: str) -> RunArgs:
     """The RunArgs every arm shares (workdir and seed are set per run)."""
     return RunArgs(workdir="", steps=size["steps"], preset=preset, batch=size["batch"], seq_len=size["seq_len"],
@@ -130,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     size = SIZES["quick" if args.quick else "default"]
     out, seeds, corpus = prepare(args, size)
-    alpha = DEFAULT_BALANCE_ALPHA["aux-loss"] if args.alpha is None else args.alpha
-    arms = {"aux_free": dict(balance="aux-free", balance_alpha=0.0),
-            "aux_loss": dict(balance="aux-loss", balance_alpha=alpha)}
+    arms = aux_free_vs_aux_loss_arms(args.alpha)
+    alpha = arms["aux_loss"]["balance_alpha"]
     base = base_args(size, corpus, args.preset)
     per_seed = run_arms(out, arms, seeds, base)
     title = "Auxiliary-loss-free vs auxiliary-loss balancing (paper Table 5)"
