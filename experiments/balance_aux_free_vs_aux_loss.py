@@ -38,11 +38,17 @@ SIZES = {
 METRICS = ["val_loss", "max_vio_batch", "max_vio_global", "train_loss"]
 
 
-def aux_free_vs_aux_loss_arms(alpha: float | None) -> dict[str, dict]:
-    """The two arms' RunArgs overrides: aux_free (bias rule, no balance loss), aux_loss (sequence-wise loss, no bias)."""
+def aux_free_arm(gamma: float | None) -> dict:
+    """RunArgs overrides of the auxiliary-loss-free arm: bias rule (speed `gamma`, None: the paper's schedule), no
+    balance loss."""
+    return dict(balance="aux-free", balance_alpha=0.0) | ({} if gamma is None else dict(gamma=gamma))
+
+
+def aux_free_vs_aux_loss_arms(alpha: float | None, gamma: float | None = None) -> dict[str, dict]:
+    """The two arms' RunArgs overrides: aux_free (bias rule, no balance loss), aux_loss (sequence-wise loss, no
+    bias)."""
     alpha = DEFAULT_BALANCE_ALPHA["aux-loss"] if alpha is None else alpha
-    return {"aux_free": dict(balance="aux-free", balance_alpha=0.0),
-            "aux_loss": dict(balance="aux-loss", balance_alpha=alpha)}
+    return {"aux_free": aux_free_arm(gamma), "aux_loss": dict(balance="aux-loss", balance_alpha=alpha)}
 
 
 def base_args(size: dict, corpus: dict, preset: str) -> RunArgs:
@@ -105,11 +111,23 @@ def plot_curves(path: pathlib.Path, out: pathlib.Path, arms, seeds: list[int], t
     plt.close(fig)
 
 
+def metric_notes(base: RunArgs, gamma: float | None) -> str:
+    """The results.md note on the metrics and the aux_free arm shared by the balancing scripts."""
+    speed = "the paper's schedule, 0.001" if gamma is None else f"{gamma:g}"
+    return ("val_loss: held-out main-model CE at the last step; max_vio_batch: MaxVio of each evaluated micro-batch "
+            f"({base.batch} x {base.seq_len} tokens), mean over micro-batches and MoE layers; max_vio_global: MaxVio "
+            "of the whole held-out set's counts (the two are equal when the same expert is the most loaded in every "
+            "micro-batch); train_loss: training CE over the last tenth of the steps. "
+            f"aux_free: bias rule (speed {speed}), no balance loss.")
+
+
 def prepare(args, size: dict) -> tuple[pathlib.Path, list[int], dict]:
     """(out directory, seeds, corpus) after checking the flags and writing the two-domain corpus into out/data."""
     seeds = check_seeds(args.seeds if args.seeds is not None else size["seeds"])
     if args.alpha is not None and not args.alpha > 0:
         raise SystemExit(f"--alpha must be positive, got {args.alpha}")
+    if args.gamma is not None and not args.gamma > 0:
+        raise SystemExit(f"--gamma must be positive, got {args.gamma}")
     out = new_out_dir(args.out)
     corpus = write_corpus(out / "data", size["code_bytes"], size["code_eval_bytes"])
     return out, seeds, corpus
@@ -120,6 +138,9 @@ def add_common_flags(ap) -> None:
     ap.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     ap.add_argument("--alpha", type=float, default=None,
                     help=f"auxiliary-loss weight of the aux-loss arms (default {DEFAULT_BALANCE_ALPHA['aux-loss']:g})")
+    ap.add_argument("--gamma", type=float, default=None,
+                    help="constant bias update speed of the aux_free arm (default the paper's schedule, 0.001; a short "
+                         "run may need more for the bias to catch up with the router)")
 
 
 def settings_of(size: dict, seeds: list[int], base: RunArgs, corpus: dict, arms: dict) -> dict:
@@ -137,16 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     size = SIZES["quick" if args.quick else "default"]
     out, seeds, corpus = prepare(args, size)
-    arms = aux_free_vs_aux_loss_arms(args.alpha)
+    arms = aux_free_vs_aux_loss_arms(args.alpha, args.gamma)
     alpha = arms["aux_loss"]["balance_alpha"]
     base = base_args(size, corpus, args.preset)
     per_seed = run_arms(out, arms, seeds, base)
     title = "Auxiliary-loss-free vs auxiliary-loss balancing (paper Table 5)"
     plot_curves(out / "curves.png", out, arms, seeds, title)
-    notes = ("val_loss: held-out main-model CE at the last step; max_vio_batch: MaxVio per evaluated micro-batch "
-             f"({base.batch} x {base.seq_len} tokens), mean over micro-batches and MoE layers; max_vio_global: "
-             "MaxVio of the whole held-out set; train_loss: training CE over the last tenth of the steps. "
-             f"aux_free: bias rule, no balance loss; aux_loss: sequence-wise auxiliary loss, alpha {alpha:g}, no bias. "
+    notes = (metric_notes(base, args.gamma) + f" aux_loss: sequence-wise auxiliary loss, alpha {alpha:g}, no bias. "
              "Paper (Table 5, 16B/230B models): aux-free has lower validation loss and a much lower MaxVio_batch.")
     write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title, notes)
     return 0

@@ -19,8 +19,8 @@ from __future__ import annotations
 import sys
 
 from dsv3_jax.train.loop import DEFAULT_BALANCE_ALPHA
-from experiments.balance_aux_free_vs_aux_loss import (METRICS, SIZES, add_common_flags, base_args, plot_curves,
-                                                      prepare, run_arms, settings_of)
+from experiments.balance_aux_free_vs_aux_loss import (METRICS, SIZES, add_common_flags, aux_free_arm, base_args,
+                                                      metric_notes, plot_curves, prepare, run_arms, settings_of)
 from experiments.harness import parser, write_results
 
 
@@ -33,17 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     alpha = DEFAULT_BALANCE_ALPHA["aux-loss"] if args.alpha is None else args.alpha
     arms = {"aux_loss_sequence": dict(balance="aux-loss", balance_scope="sequence", balance_alpha=alpha),
             "aux_loss_batch": dict(balance="aux-loss", balance_scope="batch", balance_alpha=alpha),
-            "aux_free": dict(balance="aux-free", balance_alpha=0.0)}
+            "aux_free": aux_free_arm(args.gamma)}
     base = base_args(size, corpus, args.preset)
     per_seed = run_arms(out, arms, seeds, base)
     title = "Batch-wise vs sequence-wise auxiliary loss (paper §4.5.3)"
     plot_curves(out / "curves.png", out, arms, seeds, title)
-    notes = ("val_loss: held-out main-model CE at the last step; max_vio_batch: MaxVio per evaluated micro-batch "
-             f"({base.batch} x {base.seq_len} tokens), mean over micro-batches and MoE layers; max_vio_global: "
-             "MaxVio of the whole held-out set; train_loss: training CE over the last tenth of the steps. "
-             f"aux_loss_*: auxiliary loss with alpha {alpha:g} and no bias, over each sequence or the whole batch; "
-             "aux_free: bias rule, no balance loss. Paper (§4.5.3, 1B MoE): validation loss 2.258 sequence-wise, "
-             "2.253 batch-wise, 2.253 aux-free.")
+    notes = (metric_notes(base, args.gamma) + f" aux_loss_*: auxiliary loss with alpha {alpha:g} and no bias, over "
+             "each sequence or over the whole micro-batch. Paper (§4.5.3, 1B MoE): validation loss 2.258 "
+             "sequence-wise, 2.253 batch-wise, 2.253 aux-free.")
     write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title, notes)
     return 0
 

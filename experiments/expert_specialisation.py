@@ -11,7 +11,8 @@ domain. The paper finds the aux-free model's experts more specialised (larger di
 Without --from the two arms are trained here exactly as balance_aux_free_vs_aux_loss.py trains them (its sizes,
 two-domain corpus in DIR/data; default one seed). With --from DIR the checkpoints DIR/ARM/seedS of a finished
 balance_aux_free_vs_aux_loss run are loaded (dsv3_jax.load.load_model_and_tokenizer) with its held-out domain files
-DIR/data/code_eval.jsonl and DIR/data/prose_eval.jsonl; nothing is trained. Each domain is evaluated with
+DIR/data/code_eval.jsonl and DIR/data/prose_eval.jsonl (less any document that also occurs in DIR's training files;
+the count is in settings); nothing is trained. Each domain is evaluated with
 dsv3_jax.train.heldout.Evaluator on fixed windows of the run's sequence length.
 
 Metrics per arm (mean ± std over seeds): `tv_code_prose` (total-variation distance between the code and prose
@@ -91,8 +92,13 @@ def plot_heatmaps(path: pathlib.Path, loads: dict[str, dict[str, np.ndarray]], s
     plt.close(fig)
 
 
-def _from_run(src: pathlib.Path) -> tuple[list[int], dict, dict]:
-    """(seeds, eval files, settings) of a finished balance_aux_free_vs_aux_loss --out directory."""
+def _jsonl_texts(path: pathlib.Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _from_run(src: pathlib.Path, out: pathlib.Path) -> tuple[list[int], dict, dict]:
+    """(seeds, eval files, settings) of a finished balance_aux_free_vs_aux_loss --out directory; its held-out domain
+    files are copied into out/data without any document that also occurs in its training files."""
     results = src / "results.json"
     if not results.is_file():
         raise FileNotFoundError(f"--from {src}: no results.json (not a finished balance_aux_free_vs_aux_loss run)")
@@ -100,11 +106,23 @@ def _from_run(src: pathlib.Path) -> tuple[list[int], dict, dict]:
     missing = [a for a in ARMS if a not in settings.get("arms", {})]
     if missing:
         raise ValueError(f"--from {src}: arms {missing} missing (have {sorted(settings.get('arms', {}))})")
-    files = {d: src / "data" / f"{d}_eval.jsonl" for d in DOMAINS}
-    for path in files.values():
+    trained = {t for name in ("code_train.jsonl", "prose_train.jsonl") if (src / "data" / name).is_file()
+               for t in _jsonl_texts(src / "data" / name)}
+    files, removed = {}, {}
+    (out / "data").mkdir()
+    for d in DOMAINS:
+        path = src / "data" / f"{d}_eval.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"--from {src}: held-out domain file {path} missing")
-    return list(settings["seeds"]), {d: str(p) for d, p in files.items()}, settings
+        docs = _jsonl_texts(path)
+        kept = [t for t in docs if t not in trained]
+        removed[d] = len(docs) - len(kept)
+        files[d] = str(out / "data" / f"{d}_eval.jsonl")
+        pathlib.Path(files[d]).write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
+        if removed[d]:
+            print(f"--from {src}: {removed[d]} of {len(docs)} {d} evaluation documents also occur in its training "
+                  "data and are left out", flush=True)
+    return list(settings["seeds"]), files, {**settings, "eval_documents_found_in_training_and_left_out": removed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,20 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     ev = EVAL[kind]
     if args.src is not None:
         src = pathlib.Path(args.src)
-        seeds, eval_files, src_settings = _from_run(src)
+        out = new_out_dir(args.out)
+        seeds, eval_files, src_settings = _from_run(src, out)
         if args.seeds is not None:
             unknown = sorted(set(check_seeds(args.seeds)) - set(seeds))
             if unknown:
                 raise SystemExit(f"--seeds {unknown} were not trained in --from {src} (it has {seeds})")
             seeds = args.seeds
-        out = new_out_dir(args.out)
         workdirs = {arm: {s: src / arm / f"seed{s}" for s in seeds} for arm in ARMS}
         seq_len = src_settings["seq_len"]
         settings = {"models": f"loaded from --from {src.resolve()} (not trained here)", "from_settings": src_settings}
     else:
         size = dict(SIZES[kind], seeds=[0])
         out, seeds, corpus = prepare(args, size)
-        arms = aux_free_vs_aux_loss_arms(args.alpha)
+        arms = aux_free_vs_aux_loss_arms(args.alpha, args.gamma)
         base = base_args(size, corpus, args.preset)
         run_arms(out, arms, seeds, base)
         workdirs = {arm: {s: out / arm / f"seed{s}" for s in seeds} for arm in ARMS}
