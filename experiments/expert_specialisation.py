@@ -71,8 +71,8 @@ def plot_heatmaps(path: pathlib.Path, loads: dict[str, dict[str, np.ndarray]], s
     n_layers, n_experts = np.asarray(loads[ARMS[0]][DOMAINS[0]]).shape
     rel = {arm: {d: np.asarray(loads[arm][d]) * n_experts for d in DOMAINS} for arm in ARMS}
     vmax = max(float(rel[a][d].max()) for a in ARMS for d in DOMAINS)
-    fig, axes = plt.subplots(len(ARMS), n_layers, figsize=(max(6.0, 0.45 * n_experts * n_layers + 2), 1.4 * 2 + 1.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(ARMS), n_layers, figsize=(max(6.0, 0.45 * n_experts * n_layers + 2), 2.2 * len(ARMS)),
+                             squeeze=False, layout="constrained")
     for i, arm in enumerate(ARMS):
         for layer in range(n_layers):
             ax = axes[i, layer]
