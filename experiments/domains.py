@@ -7,8 +7,8 @@ Written into a directory as
   ``CODE_CHUNK_CHARS`` characters (so that the run's held-out split, drawn by whole documents, holds code and prose
   in about the training proportions);
 - ``prose_train.jsonl``: one document per prose paragraph of the training topics (goes into training);
-- ``prose_eval.jsonl``: the paragraphs of every ``EVAL_TOPIC_EVERY``-th topic (sorted by name), except those that
-  also occur in a training topic (once each), never trained on;
+- ``prose_eval.jsonl``: the paragraphs of every ``EVAL_TOPIC_EVERY``-th topic (sorted by name), once each; a paragraph
+  that recurs in a training topic is left out of training;
 - ``code_eval.jsonl``: whole standard-library files that follow the training files in path order (those that fit
   the byte budget), never trained on.
 The training inputs are ``code_train.jsonl`` and ``prose_train.jsonl``; both evaluation files are disjoint from them.
@@ -71,9 +71,9 @@ def write_corpus(directory: str | pathlib.Path, code_bytes: int, code_eval_bytes
     d.mkdir(parents=True, exist_ok=True)
     names = sorted(topics)
     eval_names = names[EVAL_TOPIC_EVERY // 2::EVAL_TOPIC_EVERY]
-    train_prose = [p for n in names if n not in eval_names for p in prose_paragraphs(topics[n])]
-    seen = set(train_prose)  # some paragraphs recur in several topics: those stay in training only
+    seen: set[str] = set()  # many paragraphs recur in several topics: each is evaluated once and never trained on
     eval_prose = [p for n in eval_names for p in prose_paragraphs(topics[n]) if not (p in seen or seen.add(p))]
+    train_prose = [p for n in names if n not in eval_names for p in prose_paragraphs(topics[n]) if p not in seen]
     code_train = default_corpus_files(code_bytes)
     code_eval, room = [], code_eval_bytes
     for path in default_corpus_files(code_bytes + CODE_EVAL_SEARCH_BYTES)[len(code_train):]:

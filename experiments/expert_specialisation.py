@@ -40,7 +40,7 @@ from experiments.harness import check_seeds, new_out_dir, parser, pyplot, write_
 
 ARMS = ("aux_free", "aux_loss")
 DOMAINS = ("code", "prose")
-EVAL = {"default": dict(batches=8, micro=16), "quick": dict(batches=2, micro=4)}  # windows per domain
+EVAL = {"default": dict(batches=8, micro=16), "quick": dict(batches=2, micro=4)}  # at most; fewer if a domain is short
 METRICS = ["tv_code_prose", "max_rel_load", "max_vio_code", "max_vio_prose", "ce_code", "ce_prose"]
 
 
@@ -54,13 +54,15 @@ def specialisation(loads: dict[str, np.ndarray]) -> dict[str, float]:
 
 def evaluate_domains(workdir: pathlib.Path, eval_files: dict[str, str], seq_len: int, batches: int, micro: int,
                      cache: pathlib.Path) -> dict[str, dict]:
-    """{domain: heldout.set_metrics} of the newest checkpoint in `workdir` on each domain's evaluation file."""
+    """{domain: heldout.set_metrics} of the newest checkpoint in `workdir` on each domain's evaluation file: the
+    first `batches` x `micro` windows of each, or as many micro-batches as the shortest domain holds."""
     model, tokenizer = load_model_and_tokenizer(workdir)
     graphdef, params, bias = split_model(model)
-    sets = {}
-    for name, path in eval_files.items():
-        tokens = prepare_tokens([path], tokenizer, cache, model.config.vocab_size)
-        sets[name] = eval_windows(tokens, seq_len, batches, micro, name)
+    tokens = {name: prepare_tokens([path], tokenizer, cache, model.config.vocab_size)
+              for name, path in eval_files.items()}
+    fit = min(t.shape[0] // (seq_len + 1) for t in tokens.values()) // micro
+    batches = min(batches, fit) or batches  # the same number for every domain; eval_windows names a short one
+    sets = {name: eval_windows(t, seq_len, batches, micro, name) for name, t in tokens.items()}
     evaluator = Evaluator(graphdef, sets, every=0, stop=0, path=cache / "unused.jsonl", enabled=False)
     return evaluator.evaluate({"params": params, "bias": bias})
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_files, seq_len = corpus["eval"], base.seq_len
         settings = {"models": "trained here as balance_aux_free_vs_aux_loss.py trains them",
                     "training": settings_of(size, seeds, base, corpus, arms)}
-    settings.update(seeds=seeds, seq_len=seq_len, eval_windows_per_domain=ev["batches"] * ev["micro"],
+    settings.update(seeds=seeds, seq_len=seq_len, max_eval_windows_per_domain=ev["batches"] * ev["micro"],
                     eval_files=eval_files, tv_code_prose="mean over MoE layers of 0.5 sum_i |load_code_i - "
                     "load_prose_i|", max_rel_load="max over layers, domains, experts of load_i x n_experts")
 
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             sets = evaluate_domains(workdirs[arm][seed], eval_files, seq_len, ev["batches"], ev["micro"],
                                     out / "cache" / f"{arm}_seed{seed}")
             row = specialisation({d: sets[d]["load"] for d in DOMAINS})
+            settings["eval_tokens_per_domain"] = sets[DOMAINS[0]]["tokens"]
             for d in DOMAINS:
                 row[f"max_vio_{d}"], row[f"ce_{d}"] = sets[d]["max_vio_global"], sets[d]["ce"]
                 loads[arm][d].append(sets[d]["load"])
