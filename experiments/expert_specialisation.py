@@ -19,7 +19,8 @@ Metrics per arm (mean ± std over seeds): `tv_code_prose` (total-variation dista
 expert-load distributions, 0.5 sum_i |p_i - q_i|, mean over MoE layers; 0: no specialisation), `max_rel_load`
 (largest load / balanced load of any expert in any layer and domain), `max_vio_code`, `max_vio_prose` (global
 MaxVio per domain), `ce_code`, `ce_prose` (main-model cross-entropy per domain). Writes results.json (with the
-per-domain loads), results.md and load_heatmaps.png (relative load per expert, domain and layer, both models).
+per-domain loads), results.md and load_heatmaps.png (relative load per expert, domain and layer, both models, of the
+first seed: experts are not aligned across seeds).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def evaluate_domains(workdir: pathlib.Path, eval_files: dict[str, str], seq_len:
     return evaluator.evaluate({"params": params, "bias": bias})
 
 
-def plot_heatmaps(path: pathlib.Path, loads: dict[str, dict[str, np.ndarray]], seeds: list[int]) -> None:
-    """One panel per model and MoE layer: relative load (load / balanced load) per domain (rows) and expert."""
+def plot_heatmaps(path: pathlib.Path, loads: dict[str, dict[str, np.ndarray]], seed: int) -> None:
+    """One panel per model and MoE layer: relative load (load / balanced load) per domain (rows) and expert, of the
+    models trained with `seed`."""
     plt = pyplot()
     n_layers, n_experts = np.asarray(loads[ARMS[0]][DOMAINS[0]]).shape
     rel = {arm: {d: np.asarray(loads[arm][d]) * n_experts for d in DOMAINS} for arm in ARMS}
@@ -89,7 +91,7 @@ def plot_heatmaps(path: pathlib.Path, loads: dict[str, dict[str, np.ndarray]], s
             ax.set_title(f"{arm}, MoE layer {layer}", fontsize=9)
             ax.set_xlabel("expert", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.8, label="relative load (1 = balanced)")
-    fig.suptitle(f"Expert load per domain (paper Fig. 9); mean over seeds {seeds}")
+    fig.suptitle(f"Expert load per domain (paper Fig. 9), models of seed {seed}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 loads[arm][d].append(sets[d]["load"])
             per_seed[arm][seed] = row
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-    mean_loads = {arm: {d: np.mean(loads[arm][d], axis=0) for d in DOMAINS} for arm in ARMS}
-    plot_heatmaps(out / "load_heatmaps.png", mean_loads, seeds)
+    # experts are not aligned across seeds (each initialisation specialises its own), so the plot shows one seed
+    plot_heatmaps(out / "load_heatmaps.png", {arm: {d: loads[arm][d][0] for d in DOMAINS} for arm in ARMS}, seeds[0])
     extra = {"loads": {arm: {d: {str(s): v for s, v in zip(seeds, loads[arm][d])} for d in DOMAINS} for arm in ARMS}}
     notes = ("tv_code_prose: total-variation distance between the code and prose expert-load distributions, mean "
              "over MoE layers (0: the same experts serve both domains); max_rel_load: largest expert load relative "
