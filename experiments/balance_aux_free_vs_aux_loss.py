@@ -19,6 +19,7 @@ The default (tiny preset, 250 steps of 16 x 128 tokens, 3 seeds, 2 arms) takes a
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -121,6 +122,31 @@ def metric_notes(base: RunArgs, gamma: float | None) -> str:
             f"aux_free: bias rule (speed {speed}), no balance loss.")
 
 
+def add_paired(out: pathlib.Path, ref: str, keys: tuple[str, ...] = ("val_loss", "max_vio_batch")) -> dict:
+    """Add each arm's per-seed difference from arm `ref` (same seed, data and windows) to out/results.json ("paired")
+    and a line per arm to out/results.md; return the differences {arm: {key: {"per_seed", "mean"}}}."""
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    seeds = results["seeds"]
+    paired, lines = {}, []
+    for arm in seeds:
+        if arm == ref:
+            continue
+        paired[arm] = {}
+        for key in keys:
+            diff = {s: seeds[arm][s][key] - seeds[ref][s][key] for s in seeds[ref]}
+            paired[arm][key] = {"per_seed": diff, "mean": float(np.mean(list(diff.values())))}
+            lines.append(f"- {key} {arm} - {ref}: mean {paired[arm][key]['mean']:+.4f}, per seed "
+                         + ", ".join(f"{s}: {d:+.4f}" for s, d in diff.items()))
+    results["paired"] = {"reference": ref, "differences": paired}
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    with open(out / "results.md", "a") as f:
+        f.write(f"\nPaired differences from {ref} (same seed, data and evaluation windows):\n\n"
+                + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return paired
+
+
 def prepare(args, size: dict) -> tuple[pathlib.Path, list[int], dict]:
     """(out directory, seeds, corpus) after checking the flags and writing the two-domain corpus into out/data."""
     seeds = check_seeds(args.seeds if args.seeds is not None else size["seeds"])
@@ -167,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = (metric_notes(base, args.gamma) + f" aux_loss: sequence-wise auxiliary loss, alpha {alpha:g}, no bias. "
              "Paper (Table 5, 16B/230B models): aux-free has lower validation loss and a much lower MaxVio_batch.")
     write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title, notes)
+    add_paired(out, "aux_loss")
     return 0
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import sys
 
 from dsv3_jax.train.loop import DEFAULT_BALANCE_ALPHA
-from experiments.balance_aux_free_vs_aux_loss import (METRICS, SIZES, add_common_flags, aux_free_arm, base_args,
-                                                      metric_notes, plot_curves, prepare, run_arms, settings_of)
+from experiments.balance_aux_free_vs_aux_loss import (METRICS, SIZES, add_common_flags, add_paired, aux_free_arm,
+                                                      base_args, metric_notes, plot_curves, prepare, run_arms,
+                                                      settings_of)
 from experiments.harness import parser, write_results
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
              "each sequence or over the whole micro-batch. Paper (§4.5.3, 1B MoE): validation loss 2.258 "
              "sequence-wise, 2.253 batch-wise, 2.253 aux-free.")
     write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title, notes)
+    add_paired(out, "aux_loss_sequence")
     return 0
 
 

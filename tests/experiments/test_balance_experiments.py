@@ -41,6 +41,10 @@ def test_aux_free_vs_aux_loss_quick(aux_run):
     results = check_results(aux_run, ["aux_free", "aux_loss"], aux_exp.METRICS)
     assert results["settings"]["arms"] == {"aux_free": {"balance": "aux-free", "balance_alpha": 0.0},
                                            "aux_loss": {"balance": "aux-loss", "balance_alpha": 1e-3}}
+    diff = results["paired"]["differences"]["aux_free"]["val_loss"]["per_seed"]["0"]
+    assert results["paired"]["reference"] == "aux_loss" and diff == pytest.approx(
+        results["seeds"]["aux_free"]["0"]["val_loss"] - results["seeds"]["aux_loss"]["0"]["val_loss"])
+    assert "Paired differences from aux_loss" in (aux_run / "results.md").read_text()
     rows = [json.loads(line) for line in (aux_run / "aux_loss" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["balance_loss"] > 0 for r in rows)  # the aux-loss arm trains with its loss
     with pytest.raises(SystemExit, match="not empty"):
@@ -53,6 +57,7 @@ def test_batch_vs_sequence_quick(tmp_path):
     arms = results["settings"]["arms"]
     assert [arms[a]["balance_scope"] for a in ("aux_loss_sequence", "aux_loss_batch")] == ["sequence", "batch"]
     assert arms["aux_loss_sequence"]["balance_alpha"] == arms["aux_loss_batch"]["balance_alpha"] > 0
+    assert set(results["paired"]["differences"]) == {"aux_loss_batch", "aux_free"}
     with pytest.raises(SystemExit, match="not empty"):
         scope_exp.main(["--out", str(tmp_path / "o"), "--quick"])
 
