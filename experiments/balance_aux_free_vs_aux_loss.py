@@ -3,7 +3,7 @@ seeds and token budget trained with the bias rule and no balance loss (arm `aux_
 alpha 0 as the paper's ablation removes all auxiliary losses) and with a conventional sequence-wise auxiliary loss
 and no bias (arm `aux_loss`: ``balance="aux-loss"``, alpha ``--alpha``).
 
-    python experiments/balance_aux_free_vs_aux_loss.py --out runs/balance_aux_free_vs_aux_loss   # ~10 min, 2 cores
+    python experiments/balance_aux_free_vs_aux_loss.py --out runs/balance_aux_free_vs_aux_loss   # ~7 min, 2 cores
     python experiments/balance_aux_free_vs_aux_loss.py --out /tmp/b --quick                        # ~30 s (CI)
 
 Data: the two-domain corpus of experiments/domains.py (stdlib Python source + English prose from pydoc_data),
@@ -13,7 +13,7 @@ held-out split at the end, MTP discarded), `max_vio_batch` (MaxVio of each evalu
 micro-batches and MoE layers, at the end), `max_vio_global` (MaxVio of the whole held-out set's counts),
 `train_loss` (training cross-entropy averaged over the last tenth of the steps). Writes DIR/ARM/seedS (training
 work directories), results.json, results.md and curves.png (held-out loss and MaxVio over steps per arm).
-The default (tiny preset, 250 steps of 16 x 128 tokens, 3 seeds, 2 arms) takes about 10 minutes on a quiet
+The default (tiny preset, 250 steps of 16 x 128 tokens, 3 seeds, 2 arms) takes about 7 minutes on a quiet
 2-core machine.
 """
 

@@ -5,13 +5,13 @@ bias rule and no balance loss as a reference (arm `aux_free`). The paper's point
 constraint than sequence-wise balance, and it (like aux-free) allows a better validation loss (1B MoE: 2.258
 sequence-wise, 2.253 batch-wise, 2.253 aux-free).
 
-    python experiments/balance_batch_vs_sequence.py --out runs/balance_batch_vs_sequence   # ~14 min, 2 cores
+    python experiments/balance_batch_vs_sequence.py --out runs/balance_batch_vs_sequence   # ~10 min, 2 cores
     python experiments/balance_batch_vs_sequence.py --out /tmp/b --quick                     # ~45 s (CI)
 
 Data, metrics and outputs as experiments/balance_aux_free_vs_aux_loss.py (two-domain corpus in DIR/data;
 `val_loss`, `max_vio_batch`, `max_vio_global`, `train_loss` per arm, mean ± std over seeds; results.json,
 results.md, curves.png). The default (tiny
-preset, 250 steps of 16 x 128 tokens, 3 seeds, 3 arms) takes about 14 minutes on a quiet 2-core machine.
+preset, 250 steps of 16 x 128 tokens, 3 seeds, 3 arms) takes about 10 minutes on a quiet 2-core machine (40-80 s per arm measured).
 """
 
 from __future__ import annotations

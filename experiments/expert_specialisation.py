@@ -5,7 +5,7 @@ domain. The paper finds the aux-free model's experts more specialised (larger di
 
     python experiments/expert_specialisation.py --out runs/expert_specialisation \\
         --from runs/balance_aux_free_vs_aux_loss       # evaluate that run's models only (about a minute)
-    python experiments/expert_specialisation.py --out runs/expert_specialisation   # train both arms (~4 min, 2 cores)
+    python experiments/expert_specialisation.py --out runs/expert_specialisation   # train both arms (~3 min, 2 cores)
     python experiments/expert_specialisation.py --out /tmp/s --quick [--from DIR]  # CI size
 
 Without --from the two arms are trained here exactly as balance_aux_free_vs_aux_loss.py trains them (its sizes,
