@@ -10,8 +10,8 @@ sequence-wise, 2.253 batch-wise, 2.253 aux-free).
 
 Data, metrics and outputs as experiments/balance_aux_free_vs_aux_loss.py (two-domain corpus in DIR/data;
 `val_loss`, `max_vio_batch`, `max_vio_global`, `train_loss` per arm, mean ± std over seeds; results.json,
-results.md, curves.png). The default (tiny
-preset, 250 steps of 16 x 128 tokens, 3 seeds, 3 arms) takes about 10 minutes on a quiet 2-core machine (40-80 s per arm measured).
+results.md, curves.png, plus per-seed differences from aux_loss_sequence). The default (tiny preset, 250 steps of
+16 x 128 tokens, 3 seeds, 3 arms) takes about 10 minutes on a quiet 2-core machine (40-80 s per arm measured).
 """
 
 from __future__ import annotations
