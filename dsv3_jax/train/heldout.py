@@ -2,6 +2,11 @@
 discarded, MaxVio and per-expert load on the validation set, per-domain expert loads for the specialisation
 analysis). Each evaluated set is a fixed list of windows taken in stream order from a held-out token stream
 (train/tokens.py's held-out split, or an --eval-data file); one compiled forward per window shape.
+
+Two MaxVio figures per set (Wang et al. 2024, auxiliary-loss-free balancing): `max_vio` (alias `max_vio_global`)
+from the expert counts of the whole set, and `max_vio_batch`, MaxVio of each evaluated micro-batch's own counts,
+averaged over the micro-batches and layers (MaxVio_batch; never below the global figure, the micro-batches being
+equal-sized).
 """
 
 from __future__ import annotations
@@ -52,14 +57,18 @@ def make_eval_fn(graphdef):
     return jax.jit(f)
 
 
-def set_metrics(nll: float, targets: int, counts_LE: np.ndarray) -> dict[str, Any]:
-    """The row of one evaluated set: CE, MaxVio (mean over layers and per layer), per-expert load fractions."""
+def set_metrics(nll: float, targets: int, counts_NLE: np.ndarray) -> dict[str, Any]:
+    """The row of one evaluated set from its N micro-batches' expert counts [N, L, E]: CE, global MaxVio (whole-set
+    counts; mean over layers, and per layer), MaxVio_batch (per micro-batch, mean over micro-batches and layers),
+    per-expert load fractions."""
     row: dict[str, Any] = {"ce": nll / targets, "tokens": int(targets)}
-    if counts_LE.size:
+    if counts_NLE.size:
+        counts_LE = counts_NLE.sum(axis=0)
         vio = np.asarray(max_violation(jnp.asarray(counts_LE)))
+        vio_batch = np.asarray(max_violation(jnp.asarray(counts_NLE)))
         load = counts_LE / np.maximum(counts_LE.sum(axis=-1, keepdims=True), 1)
-        row.update(max_vio=float(vio.mean()), max_vio_layers=[float(v) for v in vio],
-                   load=[[float(x) for x in layer] for layer in load])
+        row.update(max_vio=float(vio.mean()), max_vio_global=float(vio.mean()), max_vio_batch=float(vio_batch.mean()),
+                   max_vio_layers=[float(v) for v in vio], load=[[float(x) for x in layer] for layer in load])
     return row
 
 
@@ -82,12 +91,12 @@ class Evaluator:
         ctx = contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
         with ctx:
             for name, windows in self.sets.items():
-                nll, targets, counts = 0.0, 0, None
+                nll, targets, counts = 0.0, 0, []
                 for rows in windows:
                     n, t, c = jax.device_get(self.fn(state["params"], state["bias"], self._put(rows)))
                     nll, targets = nll + float(n), targets + int(t)
-                    counts = np.asarray(c, np.int64) if counts is None else counts + c
-                out[name] = set_metrics(nll, targets, counts)
+                    counts.append(np.asarray(c, np.int64))
+                out[name] = set_metrics(nll, targets, np.stack(counts))
         return out
 
     def __call__(self, step: int, state) -> None:
