@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from dsv3_jax.train.data import default_corpus_files
+from dsv3_jax.train.inputs import default_corpus_files
 
 EVAL_TOPIC_EVERY = 5  # every 5th documentation topic is held out for evaluation
 CODE_CHUNK_CHARS = 2000  # training code documents: pieces of stdlib files of at least this many characters

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 
 from dsv3_jax.load import load_model_and_tokenizer
-from dsv3_jax.train.data import prepare_tokens
+from dsv3_jax.train.tokens import prepare_tokens
 from dsv3_jax.train.heldout import Evaluator, eval_windows
 from dsv3_jax.train.step import split_model
 from experiments.balance_aux_free_vs_aux_loss import (SIZES, add_common_flags, aux_free_vs_aux_loss_arms,

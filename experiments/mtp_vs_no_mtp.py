@@ -24,7 +24,7 @@ import numpy as np
 
 from dsv3_jax.config import get_preset
 from dsv3_jax.stats import model_stats
-from dsv3_jax.train.data import default_corpus_files
+from dsv3_jax.train.inputs import default_corpus_files
 from dsv3_jax.train.loop import RunArgs
 from experiments.harness import (arm_seconds, check_seeds, final_eval, merge_runs, new_out_dir, parser, pyplot,
                                  read_evals, run_arm, train_curve, write_results)
