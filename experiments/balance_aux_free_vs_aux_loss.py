@@ -178,24 +178,29 @@ def settings_of(size: dict, seeds: list[int], base: RunArgs, corpus: dict, arms:
             "train_loss": "mean training CE over the last tenth of the steps"}
 
 
+def run_experiment(args, arms: dict[str, dict], title: str, arm_notes: str, reference: str) -> None:
+    """Train `arms` on the two-domain corpus over args' seeds, plot the curves, write results.json / results.md
+    (with `arm_notes` after the shared metric notes) and the paired differences from the `reference` arm."""
+    size = SIZES["quick" if args.quick else "default"]
+    out, seeds, corpus = prepare(args, size)
+    base = base_args(size, corpus, args.preset)
+    per_seed = run_arms(out, arms, seeds, base)
+    plot_curves(out / "curves.png", out, arms, seeds, title)
+    write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title,
+                  metric_notes(base, args.gamma) + " " + arm_notes)
+    add_paired(out, reference)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     add_common_flags(ap)
     args = ap.parse_args(argv)
-    size = SIZES["quick" if args.quick else "default"]
-    out, seeds, corpus = prepare(args, size)
     arms = aux_free_vs_aux_loss_arms(args.alpha, args.gamma)
-    alpha = arms["aux_loss"]["balance_alpha"]
-    base = base_args(size, corpus, args.preset)
-    per_seed = run_arms(out, arms, seeds, base)
-    title = "Auxiliary-loss-free vs auxiliary-loss balancing (paper Table 5)"
-    plot_curves(out / "curves.png", out, arms, seeds, title)
-    notes = (metric_notes(base, args.gamma) + f" aux_loss: sequence-wise auxiliary loss, alpha {alpha:g}, no bias. "
-             "Paper (Table 5, 16B/230B models): aux-free has lower validation loss and a much lower MaxVio_batch.")
-    write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title, notes)
-    add_paired(out, "aux_loss")
+    run_experiment(args, arms, "Auxiliary-loss-free vs auxiliary-loss balancing (paper Table 5)",
+                   f"aux_loss: sequence-wise auxiliary loss, alpha {arms['aux_loss']['balance_alpha']:g}, no bias. "
+                   "Paper (Table 5, 16B/230B models): aux-free has lower validation loss and a much lower "
+                   "MaxVio_batch.", reference="aux_loss")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

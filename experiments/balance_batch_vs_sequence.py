@@ -19,31 +19,22 @@ from __future__ import annotations
 import sys
 
 from dsv3_jax.train.loop import DEFAULT_BALANCE_ALPHA
-from experiments.balance_aux_free_vs_aux_loss import (METRICS, SIZES, add_common_flags, add_paired, aux_free_arm,
-                                                      base_args, metric_notes, plot_curves, prepare, run_arms,
-                                                      settings_of)
-from experiments.harness import parser, write_results
+from experiments.balance_aux_free_vs_aux_loss import add_common_flags, aux_free_arm, run_experiment
+from experiments.harness import parser
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     add_common_flags(ap)
     args = ap.parse_args(argv)
-    size = SIZES["quick" if args.quick else "default"]
-    out, seeds, corpus = prepare(args, size)
     alpha = DEFAULT_BALANCE_ALPHA["aux-loss"] if args.alpha is None else args.alpha
     arms = {"aux_loss_sequence": dict(balance="aux-loss", balance_scope="sequence", balance_alpha=alpha),
             "aux_loss_batch": dict(balance="aux-loss", balance_scope="batch", balance_alpha=alpha),
             "aux_free": aux_free_arm(args.gamma)}
-    base = base_args(size, corpus, args.preset)
-    per_seed = run_arms(out, arms, seeds, base)
-    title = "Batch-wise vs sequence-wise auxiliary loss (paper §4.5.3)"
-    plot_curves(out / "curves.png", out, arms, seeds, title)
-    notes = (metric_notes(base, args.gamma) + f" aux_loss_*: auxiliary loss with alpha {alpha:g} and no bias, over "
-             "each sequence or over the whole micro-batch. Paper (§4.5.3, 1B MoE): validation loss 2.258 "
-             "sequence-wise, 2.253 batch-wise, 2.253 aux-free.")
-    write_results(out, per_seed, settings_of(size, seeds, base, corpus, arms), METRICS, title, notes)
-    add_paired(out, "aux_loss_sequence")
+    run_experiment(args, arms, "Batch-wise vs sequence-wise auxiliary loss (paper §4.5.3)",
+                   f"aux_loss_*: auxiliary loss with alpha {alpha:g} and no bias, over each sequence or over the whole "
+                   "micro-batch. Paper (§4.5.3, 1B MoE): validation loss 2.258 sequence-wise, 2.253 batch-wise, "
+                   "2.253 aux-free.", reference="aux_loss_sequence")
     return 0
 
 
