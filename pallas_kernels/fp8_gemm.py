@@ -64,6 +64,13 @@ def _check_operand_dtypes(name: str, x_q, w_q) -> None:
         )
 
 
+def _column_scales(ws, N: int, w_rows: bool):
+    """float32 [nK, N]: the weight scale of every output column and K block (a 128x128 block's scale repeated over
+    its 128 columns, or the per-row scales as given)."""
+    ws_kN = ws.astype(jnp.float32).T
+    return ws_kN if w_rows else jnp.repeat(ws_kN, BLOCK_N, axis=1)[:, :N]
+
+
 def _promoted_matmul_ref(x_MK, xs_Mk, w_NK, ws_nk, w_rows: bool = False):
     """jnp FP32 [M, N] = sum over 128-wide K blocks of (x_blk @ w_blk^T) * xs[:, k] * ws[n // 128, k] (or ws[n, k])."""
     (M, K), N = x_MK.shape, w_NK.shape[0]
@@ -72,9 +79,7 @@ def _promoted_matmul_ref(x_MK, xs_Mk, w_NK, ws_nk, w_rows: bool = False):
     # Zero padding of the partial last K block contributes exactly 0 to every partial product.
     x_kMb = jnp.pad(x_MK.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(M, nK, BLOCK_K).transpose(1, 0, 2)
     w_kNb = jnp.pad(w_NK.astype(jnp.float32), ((0, 0), (0, pad_K))).reshape(N, nK, BLOCK_K).transpose(1, 0, 2)
-    ws_kN = ws_nk.astype(jnp.float32).T
-    if not w_rows:
-        ws_kN = jnp.repeat(ws_kN, BLOCK_N, axis=1)[:, :N]
+    ws_kN = _column_scales(ws_nk, N, w_rows)
 
     def body(acc_MN, xs):
         x_Mb, w_Nb, xs_M, ws_N = xs
@@ -117,6 +122,11 @@ def _check_dot_dtype(name: str, operand_dtype, dot_dtype) -> None:
                          f"{jnp.dtype(operand_dtype)} operands), got {dot_dtype!r}")
 
 
+def _on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
 def _resolve_dot_dtype(operand_dtype, dot_dtype, interpret: bool):
     """The dtype the kernel's MMA takes: the operands' own, except e4m3 on Hopper (bf16, see below)."""
     if dot_dtype is not None:
@@ -124,7 +134,7 @@ def _resolve_dot_dtype(operand_dtype, dot_dtype, interpret: bool):
     if not interpret and jnp.dtype(operand_dtype).itemsize == 1:
         # Pallas emits the e4m3 tt.dot without maxNumImpreciseAcc; on sm_90 Triton then converts to f16 and uses
         # legacy mma.sync, while a bf16 dot gets wgmma. sm_89 and sm_100 keep native FP8 MMAs (docs/design.md).
-        if str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
+        if _on_hopper():
             return jnp.dtype(jnp.bfloat16)
     return jnp.dtype(operand_dtype)
 
@@ -209,10 +219,7 @@ def _fp8_gemm_mosaic(x_q, x_s, w_q, w_s, out_dtype, w_granularity: str, config: 
     x_q = jnp.pad(x_q, ((0, Mp - M), (0, Kp - K)))
     w_q = jnp.pad(w_q, ((0, Np - N), (0, Kp - K)))
     xs_kM = jnp.pad(x_s.astype(jnp.float32).T, ((0, nKp - nK), (0, Mp - M)))
-    ws_kN = w_s.astype(jnp.float32).T
-    if w_granularity == "block":  # one scale per 128x128 block: repeated over its 128 output columns
-        ws_kN = jnp.repeat(ws_kN, BLOCK_N, axis=1)[:, :N]
-    ws_kN = jnp.pad(ws_kN, ((0, nKp - nK), (0, Np - N)))
+    ws_kN = jnp.pad(_column_scales(w_s, N, w_granularity == "row"), ((0, nKp - nK), (0, Np - N)))
     return fp8_gemm_mosaic_padded(x_q, xs_kM, w_q, ws_kN, out_dtype, config)[:M, :N]
 
 
@@ -226,8 +233,7 @@ def _resolve_backend(backend, operand_dtype, interpret: bool) -> str:
         return "triton"
     if backend is not None:
         return backend
-    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
-    return "mosaic" if hopper and jnp.dtype(operand_dtype) == jnp.float8_e4m3fn else "triton"
+    return "mosaic" if _on_hopper() and jnp.dtype(operand_dtype) == jnp.float8_e4m3fn else "triton"
 
 
 def fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, *, w_granularity: str = "block", impl=None,
