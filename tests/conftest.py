@@ -11,6 +11,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE)
 
 import jax  # noqa: E402
 
+# Eight simulated CPU devices in the test process, so that multi-device checks (meshes of up to 8) run in-process;
+# arrays and single-device programs stay on device 0.
+jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dsv3-jax-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
