@@ -465,6 +465,39 @@ def _initial_params(cfg: ModelConfig, precision: Precision, seed: int, init):
     return graphdef, out[0], out[1]
 
 
+def initial_state(cfg: ModelConfig, precision: Precision, *, seed: int, lr: Callable, mesh=None,
+                  zero: str = "zero1", init=None, abstract: bool = False):
+    """(graphdef, optimizer, state, shardings) of a run's first step: a fresh model's train state (or `init` =
+    (params, bias)'s). Under a mesh the fresh state is built by one jit with out_shardings, so each device
+    materialises only its own shards (the values equal the unsharded init: the init is deterministic from the
+    seed); `init` (already on the host) is placed shard by shard. With `abstract`, jax.ShapeDtypeStructs (with
+    their shardings under a mesh) and nothing allocated."""
+    graphdef, like_params, like_bias = split_model(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed),
+                                                                                      precision)))
+    optimizer = make_optimizer(like_params, 0.0, 1, schedule=lr)
+    like = jax.eval_shape(lambda p, b: init_state(p, b, optimizer), like_params, like_bias)
+    shardings = None if mesh is None else train_state_shardings(like, mesh, zero)
+    if abstract:
+        state = like if mesh is None else jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings)
+        return graphdef, optimizer, state, shardings
+    if init is not None:
+        _, params, bias = _initial_params(cfg, precision, seed, init)
+        state = init_state(params, bias, optimizer)
+        del params, bias
+        if mesh is None:
+            return graphdef, optimizer, jax.device_put(state, jax.devices()[0]), None
+        return graphdef, optimizer, _place(state, shardings), shardings
+
+    def fresh():
+        _, params, bias = split_model(Transformer(cfg, nnx.Rngs(seed), precision))
+        return init_state(params, bias, optimizer)
+
+    # committed to one device without a mesh, like restored arrays, so a restore does not trigger a recompile
+    out = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else shardings
+    return graphdef, optimizer, jax.jit(fresh, out_shardings=out)(), shardings
+
+
 def build_session(workdir: pathlib.Path, ckpt: Checkpointer, cfg: ModelConfig, precision: Precision, *, seed: int,
                   lr: Callable, mesh_spec: str | None, micro: int, zero: str, resume: bool, init=None) -> Session:
     """Mesh, model and train state (fresh or from `init` = (params, bias)), restored from the newest checkpoint
@@ -472,16 +505,8 @@ def build_session(workdir: pathlib.Path, ckpt: Checkpointer, cfg: ModelConfig, p
     main_process = jax.process_index() == 0
     # One device keeps the plain jit step; several (or an explicit --mesh) run over a mesh.
     mesh = None if mesh_spec is None and jax.device_count() == 1 else build_mesh(mesh_spec, cfg, batch=micro)
-    graphdef, params, bias = _initial_params(cfg, precision, seed, init)
-    optimizer = make_optimizer(params, 0.0, 1, schedule=lr)
-    state = init_state(params, bias, optimizer)
-    if mesh is None:
-        # committed to one device like restored arrays, so a restore does not trigger a recompile
-        state, shardings = jax.device_put(state, jax.devices()[0]), None
-    else:
-        shardings = train_state_shardings(state, mesh, zero)
-        state = _place(state, shardings)
-    del params, bias
+    graphdef, optimizer, state, shardings = initial_state(cfg, precision, seed=seed, lr=lr, mesh=mesh, zero=zero,
+                                                          init=init)
     session = Session(workdir, ckpt, mesh, shardings, graphdef, optimizer, state, main_process=main_process)
     if resume:
         session.start, restored, meta = ckpt.restore(flat_state(_abstract(state)))
@@ -660,6 +685,25 @@ def _run_model(args: RunArgs):
     return cfg, f"init {args.init}", (init_params, init_bias), init_tokenizer, init_run
 
 
+def pipeline_schedule(args: RunArgs, cfg: ModelConfig):
+    """The pipeline Schedule of --mesh/--pipeline/--microbatches checked against the model's stage split (None
+    without a pp axis); ValueError naming the flags."""
+    schedule = _validate_pipeline(args)
+    if schedule is not None:
+        try:
+            check_stage_split(cfg, schedule.num_stages)
+        except ValueError as e:
+            raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
+    return schedule
+
+
+def step_config(args: RunArgs) -> StepConfig:
+    """The train step's StepConfig of a run's switches (balance, remat, spike guard)."""
+    alpha, _ = balance_settings(args)
+    return StepConfig(balance_alpha=alpha, balance_scope=args.balance_scope, remat=args.remat,
+                      spike_factor=args.spike_factor, spike_warmup=args.spike_warmup)
+
+
 def _schedules(args: RunArgs, continued: bool, init_run: dict | None) -> tuple[float, dict[str, Callable]]:
     """(peak LR, {"lr", "batch", "mtp", "gamma": step -> value}): the paper's schedules scaled to --steps, or for
     continued pretraining (paper §4.3) constants; --gamma (or --balance aux-loss / none) and --mtp-weight override
@@ -692,12 +736,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
     micro = args.micro_batch or args.batch
-    schedule = _validate_pipeline(args)
-    if schedule is not None:
-        try:
-            check_stage_split(cfg, schedule.num_stages)
-        except ValueError as e:
-            raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
+    schedule = pipeline_schedule(args, cfg)
     peak_lr, schedules = _schedules(args, continued=init is not None, init_run=init_run)
     alpha, _ = balance_settings(args)
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
@@ -720,10 +759,8 @@ def train(args: RunArgs) -> dict[str, Any]:
     batches = PackedBatches(tokens, args.seq_len, args.seed)
     stop = args.stop_at or args.steps
 
-    step_fn = make_train_step(session.graphdef, session.optimizer,
-                              StepConfig(balance_alpha=alpha, balance_scope=args.balance_scope, remat=args.remat,
-                                         spike_factor=args.spike_factor, spike_warmup=args.spike_warmup),
-                              mesh, session.shardings, schedule)
+    step_fn = make_train_step(session.graphdef, session.optimizer, step_config(args), mesh, session.shardings,
+                              schedule)
     spec = LoopSpec(stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len,
                     lr=schedules["lr"], batch_size=schedules["batch"], mtp=schedules["mtp"], gamma=schedules["gamma"],
                     save_every=args.save_every, max_spikes=args.max_spikes, progress=args.progress,
