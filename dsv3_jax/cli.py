@@ -207,15 +207,51 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sharding.mesh import parse_mesh_spec
-    from sharding.planner import TrainSettings, format_plan, plan
+    import dataclasses
+
+    from dsv3_jax.config import apply_overrides
+    from sharding.mesh import MESH_AXES, parse_mesh_spec
+    from sharding.planner import HARDWARE, TrainSettings, format_plan, plan
 
     settings = TrainSettings(global_batch=args.global_batch, seq_len=args.seq_len, micro_batch=args.micro_batch,
                              schedule=args.schedule, precision=args.precision,
                              gemm_efficiency=args.gemm_efficiency, attention_efficiency=args.attention_efficiency,
                              comm_sms=args.comm_sms, tokens=args.tokens)
-    result = plan(_load_config(args), parse_mesh_spec(args.mesh, allow_auto=True), args.hardware, settings, gpus=args.gpus)
-    print(json.dumps(result) if args.json else format_plan(result, args.config or args.preset))
+    cfg = _load_config(args)
+    if args.set:
+        cfg = apply_overrides(cfg, args.set)
+    hardware = HARDWARE[args.hardware]
+    if args.memory_gb is not None:
+        if not args.memory_gb > 0:
+            raise ValueError(f"--memory-gb must be > 0, got {args.memory_gb}")
+        hardware = dataclasses.replace(hardware, hbm_gb=args.memory_gb)
+    mesh = parse_mesh_spec(args.mesh, allow_auto=True)
+    result = plan(cfg, mesh, hardware, settings, gpus=args.gpus)
+    if not args.compile:
+        print(json.dumps(result) if args.json else format_plan(result, args.config or args.preset))
+        return 0
+    from sharding.compile_check import compile_in_subprocess, format_compiled
+
+    mesh_spec = ",".join(f"{a}={result[a]}" for a in MESH_AXES)
+    compiled = compile_in_subprocess(
+        cfg, mesh_spec, seq_len=settings.seq_len, micro_batch=settings.micro_batch,
+        microbatches=result["micro_batches_per_step"], pipeline=None if result["pp"] == 1 else settings.schedule,
+        precision=settings.precision, remat=args.remat)
+    estimate = result if compiled["precision"] == settings.precision else plan(
+        cfg, mesh, hardware, dataclasses.replace(settings, precision=compiled["precision"]), gpus=args.gpus)
+    compiled["planner_bytes"] = estimate["total_bytes"]
+    compiled["ratio"] = compiled["peak_bytes"] / estimate["total_bytes"]
+    limit = hardware.hbm_gb * 1e9
+    if args.json:
+        print(json.dumps(result | {"compiled": compiled}))
+    else:
+        print(format_plan(result, args.config or args.preset))
+        print()
+        print(format_compiled(compiled, estimate["total_bytes"], limit))
+    if compiled["peak_bytes"] > limit:
+        print(f"dsv3 plan: the compiled step needs {compiled['peak_bytes'] / 1e9:.1f} GB per device, more than the "
+              f"{hardware.hbm_gb:g} GB of the {hardware.name}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -402,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--global-batch", type=int, default=d.global_batch, help="sequences per step")
     pn.add_argument("--seq-len", type=int, default=d.seq_len)
     pn.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per micro-batch per rank")
-    pn.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="pipeline schedule (pp > 1)")
+    pn.add_argument("--schedule", "--pipeline", dest="schedule", default=d.schedule, choices=SCHEDULES,
+                    help="pipeline schedule (pp > 1)")
     pn.add_argument("--precision", default=d.precision, choices=["fp8", "bf16"], help="GEMM precision")
     pn.add_argument("--gemm-efficiency", type=float, default=d.gemm_efficiency,
                     help="achieved fraction of the dense GEMM peak")
@@ -411,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--comm-sms", type=int, default=d.comm_sms, help="SMs reserved for the overlapped all-to-all")
     pn.add_argument("--tokens", type=float, default=d.tokens, help="pre-training tokens")
     pn.add_argument("--json", action="store_true", help="print one JSON object")
+    pn.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override ModelConfig fields, e.g. --set "
+                                                                 "num_hidden_layers=64 first_k_dense_replace=0")
+    pn.add_argument("--memory-gb", type=float, help="device memory in GB (default: the hardware's)")
+    pn.add_argument("--compile", action="store_true",
+                    help="also lower and compile the real train step for the mesh on as many fake CPU devices "
+                         "(a subprocess; nothing allocated) and print XLA's per-device memory beside the "
+                         "estimate; exit 3 when it exceeds the device memory")
+    pn.add_argument("--remat", default="paper", choices=["none", "paper", "full"],
+                    help="recomputation policy of the compiled step (default: the paper's)")
     pn.set_defaults(func=cmd_plan)
 
     pl = sub.add_parser("plot", help="PNG plots of loss, MaxVio and throughput from a run's metrics.jsonl")
