@@ -216,7 +216,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = TrainSettings(global_batch=args.global_batch, seq_len=args.seq_len, micro_batch=args.micro_batch,
                              schedule=args.schedule, precision=args.precision,
                              gemm_efficiency=args.gemm_efficiency, attention_efficiency=args.attention_efficiency,
-                             comm_sms=args.comm_sms, tokens=args.tokens)
+                             comm_sms=args.comm_sms, tokens=args.tokens, master_weights=args.master_weights)
     cfg = _load_config(args)
     if args.set:
         cfg = apply_overrides(cfg, args.set)
@@ -237,17 +237,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg, mesh_spec, seq_len=settings.seq_len, micro_batch=settings.micro_batch,
         microbatches=result["micro_batches_per_step"], pipeline=None if result["pp"] == 1 else settings.schedule,
         precision=settings.precision, remat=args.remat)
-    estimate = result if compiled["precision"] == settings.precision else plan(
-        cfg, mesh, hardware, dataclasses.replace(settings, precision=compiled["precision"]), gpus=args.gpus)
-    compiled["planner_bytes"] = estimate["total_bytes"]
-    compiled["ratio"] = compiled["peak_bytes"] / estimate["total_bytes"]
+    # compared with the planner's figure for what the code holds: the compiled precision, FP32 weights held whole
+    estimate = plan(cfg, mesh, hardware, dataclasses.replace(settings, precision=compiled["precision"],
+                                                             master_weights="whole"), gpus=args.gpus)
+    compiled |= {"planner_bytes": estimate["total_bytes"], "planner_state_bytes": estimate["state_bytes"],
+                 "ratio": compiled["peak_bytes"] / estimate["total_bytes"],
+                 "state_ratio": compiled["argument_bytes"] / estimate["state_bytes"]}
     limit = hardware.hbm_gb * 1e9
     if args.json:
         print(json.dumps(result | {"compiled": compiled}))
     else:
         print(format_plan(result, args.config or args.preset))
         print()
-        print(format_compiled(compiled, estimate["total_bytes"], limit))
+        print(format_compiled(compiled, limit))
     if compiled["peak_bytes"] > limit:
         print(f"dsv3 plan: the compiled step needs {compiled['peak_bytes'] / 1e9:.1f} GB per device, more than the "
               f"{hardware.hbm_gb:g} GB of the {hardware.name}", file=sys.stderr)
@@ -450,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--json", action="store_true", help="print one JSON object")
     pn.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override ModelConfig fields, e.g. --set "
                                                                  "num_hidden_layers=64 first_k_dense_replace=0")
+    pn.add_argument("--master-weights", default=d.master_weights, choices=["sharded", "whole"],
+                    help="sharded: the paper's ZeRO-1 (BF16 weights, FP32 master sharded); whole: this code's "
+                         "(FP32 weights held whole, moments sharded)")
     pn.add_argument("--memory-gb", type=float, help="device memory in GB (default: the hardware's)")
     pn.add_argument("--compile", action="store_true",
                     help="also lower and compile the real train step for the mesh on as many fake CPU devices "

@@ -137,8 +137,9 @@ def compile_in_subprocess(cfg, mesh: str, *, timeout: float | None = None, **kw)
                      f"without a result; its last output:\n{tail}")
 
 
-def format_compiled(c: dict, planner_bytes: float, hbm_bytes: float) -> str:
-    """Readable lines: XLA's per-device figures of a compile_memory result beside the planner's total."""
+def format_compiled(c: dict, hbm_bytes: float) -> str:
+    """Readable lines: XLA's per-device figures of a compile_memory result beside the planner's (the keys
+    planner_bytes, planner_state_bytes that `dsv3 plan --compile` adds)."""
     gib = 2 ** 30
     how = (f"{c['pipeline']} x {c['microbatches']} micro-batches" if c.get("pipeline")
            else f"{c['accumulated']} accumulated micro-batch(es)")
@@ -151,10 +152,14 @@ def format_compiled(c: dict, planner_bytes: float, hbm_bytes: float) -> str:
                        ("temporaries", "temp_bytes"), ("aliased (donated state reused as output)", "alias_bytes"),
                        ("peak = arguments + outputs + temporaries - aliased", "peak_bytes")):
         lines.append(f"  {label:<62}{c[key] / gib:10.2f}")
+    if "planner_bytes" in c:
+        lines += [f"  {'planner, same layout (FP32 weights held whole): state':<62}"
+                  f"{c['planner_state_bytes'] / gib:10.2f}",
+                  f"  {'planner, same layout: total':<62}{c['planner_bytes'] / gib:10.2f}",
+                  f"  XLA / planner: arguments / state {c['argument_bytes'] / c['planner_state_bytes']:.2f}, "
+                  f"peak / total {c['peak_bytes'] / c['planner_bytes']:.2f}"]
     verdict = "fits" if c["peak_bytes"] <= hbm_bytes else "DOES NOT FIT"
-    lines.append(f"  {'planner estimate (same mesh, ' + c['precision'] + ')':<62}{planner_bytes / gib:10.2f}")
-    lines.append(f"  XLA peak / planner {c['peak_bytes'] / planner_bytes:.2f}; of {hbm_bytes / gib:.1f} GiB HBM: "
-                 f"{verdict}")
+    lines.append(f"  compiled peak {c['peak_bytes'] / gib:.2f} GiB of {hbm_bytes / gib:.1f} GiB: {verdict}")
     return "\n".join(lines)
 
 

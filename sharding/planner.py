@@ -21,6 +21,7 @@ from sharding.mesh import MESH_AXES
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
 PRECISIONS = ("fp8", "bf16")
+MASTER_WEIGHTS = ("sharded", "whole")
 _OVERLAPPED = ("dualpipe", "dualpipev")  # schedules that pair a forward and a backward chunk (paper §3.2.1)
 
 
@@ -72,6 +73,10 @@ class TrainSettings:
     attention_efficiency: float = 0.5
     comm_sms: int = 20  # SMs given to dispatch/combine while DualPipe overlaps them (paper §3.2.2)
     tokens: float = 14.8e12  # pre-training tokens
+    # "sharded": the paper's ZeRO-1 (BF16 working weights held whole, FP32 master weights sharded with the
+    # moments); "whole": this code's ZeRO-1 (sharding.rules 'zero1': FP32 weights held whole and cast to the
+    # compute dtype where used, only the AdamW moments sharded), what `dsv3 plan --compile` measures
+    master_weights: str = "sharded"
 
     def validate(self) -> "TrainSettings":
         """Raise ValueError naming the setting; return self."""
@@ -87,6 +92,8 @@ class TrainSettings:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
         if not (isinstance(self.tokens, (int, float)) and self.tokens > 0):
             raise ValueError(f"tokens must be positive, got {self.tokens!r}")
         return self
@@ -331,11 +338,13 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         expert_p = sum(u.expert_params for i in ids_r for u in stages[i]) / (ep * tp)
         sharded = dense_p / zero_dense + expert_p / zero_expert
         chunk_act = max(sum(u.act_bytes for u in stages[i]) for i in ids_r) * mb_tokens / tp
+        whole = s.master_weights == "whole"  # FP32 weights held whole instead of BF16 + sharded FP32 master
         mem = dict(held=dense_p + expert_p, dense=dense_p, expert=expert_p, sharded=sharded, chunk_act=chunk_act,
-                   params=2.0 * (dense_p + expert_p),  # BF16 working weights
+                   params=(4.0 if whole else 2.0) * (dense_p + expert_p),  # FP32 or BF16 weights
                    grads=4.0 * (dense_p + expert_p),  # FP32 gradient accumulators (ZeRO-1 keeps them whole)
-                   optimizer=(4.0 + 2 * 2.0) * sharded,  # FP32 master weights, BF16 AdamW m and v
+                   optimizer=(2 * 2.0 + (0.0 if whole else 4.0)) * sharded,  # BF16 AdamW m, v (+ FP32 master)
                    activations=in_flight(r) * chunk_act, in_flight=in_flight(r))
+        mem["state"] = mem["params"] + mem["optimizer"]  # what lives between steps (XLA: the step's arguments)
         mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"]
         return mem
 
@@ -378,7 +387,9 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         t["exposed"] = max(0.0, comm - t["compute"]) if overlapped else comm
         t["pipeline"] = t["compute"] + t["bubble"] + t["exposed"] + t["tp"]
         # after the last backward: FP32 gradient reduce-scatter + BF16 parameter all-gather per ZeRO-1 group
-        t["dp_bytes"] = _ring_bytes(6.0 * mem["dense"], zero_dense) + _ring_bytes(6.0 * mem["expert"], zero_expert)
+        # (FP32 parameters all-gathered when they are held whole in FP32)
+        sync = 8.0 if s.master_weights == "whole" else 6.0
+        t["dp_bytes"] = _ring_bytes(sync * mem["dense"], zero_dense) + _ring_bytes(sync * mem["expert"], zero_expert)
         t["dp"] = t["dp_bytes"] / dp_bw
         # AdamW on the local shard: read grad (4), master (4), m, v (2+2); write master, m, v and the BF16 weight
         t["optimizer"] = mem["sharded"] * 22 / (hw.hbm_tbps * 1e12)
@@ -410,6 +421,7 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         # memory (bytes) on the worst rank
         "mem_rank": worst, "params_per_device": mem["held"], "param_bytes": mem["params"],
         "grad_bytes": mem["grads"], "optimizer_bytes": mem["optimizer"], "activation_bytes": mem["activations"],
+        "state_bytes": mem["state"], "master_weights": s.master_weights,
         "activation_bytes_per_chunk": mem["chunk_act"], "chunks_in_flight": mem["in_flight"],
         "activation_bytes_per_block": max(u.act_bytes for u in units) * mb_tokens / tp,  # one micro-batch
         "total_bytes": mem["total"], "hbm_bytes": hw.hbm_gb * 1e9, "fits": mem["total"] <= hw.hbm_gb * 1e9,
@@ -451,6 +463,7 @@ def format_plan(p: dict, model: str = "") -> str:
         return f"  {label:<62}{value:10.2f}" if value == 0 or value >= 0.01 else f"  {label:<62}{value:10.1e}"
 
     mesh = _mesh_str({a: p[a] for a in MESH_AXES})
+    whole = p.get("master_weights") == "whole"
     lines = [
         f"dsv3 plan: {model or 'model'} on {p['gpus']} x {p['hardware']} ({mesh}), {p['schedule']}, "
         f"{p['precision']}",
@@ -463,10 +476,11 @@ def format_plan(p: dict, model: str = "") -> str:
         + ("all-to-all and PP p2p overlapped with compute" if p["comm_overlapped"] else "communication not overlapped"),
         "",
         f"  {'memory per device (rank ' + str(p['mem_rank']) + ', the fullest)':<62}{'GiB':>10}",
-        row(f"weights, BF16 ({p['params_per_device'] / 1e9:.2f}B parameters held)", p["param_bytes"] / gib),
+        row(f"weights, {'FP32' if whole else 'BF16'} ({p['params_per_device'] / 1e9:.2f}B parameters held)",
+            p["param_bytes"] / gib),
         row("gradients, FP32", p["grad_bytes"] / gib),
-        row(f"master FP32 + AdamW m, v BF16 (ZeRO-1 over {p['zero_group_dense']} / {p['zero_group_expert']} "
-            "ranks)", p["optimizer_bytes"] / gib),
+        row(f"{'' if whole else 'master FP32 + '}AdamW m, v BF16 (ZeRO-1 over {p['zero_group_dense']} / "
+            f"{p['zero_group_expert']} ranks)", p["optimizer_bytes"] / gib),
         row(f"activations ({p['chunks_in_flight']} chunks x {p['activation_bytes_per_chunk'] / gib:.2f} GiB; "
             f"{p['activation_bytes_per_block'] / gib:.2f} GiB for the largest block)",
             p["activation_bytes"] / gib),

@@ -115,3 +115,20 @@ def test_sharded_init_equals_unsharded_init():
     experts = got["params.moe_layers.ffn.w_gate.value"]
     assert experts.addressable_shards[0].data.shape[1] == CFG.n_routed_experts // 2  # built split over ep
     assert all(np.all(np.asarray(v) == 0) for k, v in got.items() if k.startswith("opt.") and "mu" in k)
+
+
+@pytest.mark.parametrize("spec", ["dp=2,ep=2", "ep=4"])
+def test_planner_state_matches_the_sharded_train_state(spec):
+    """With master_weights='whole' (this code's ZeRO-1), the planner's persistent state per device is the real
+    train state's shards (train_state_shardings), counted from the abstract state."""
+    from sharding.mesh import parse_mesh_spec
+    from sharding.planner import TrainSettings, plan
+
+    mesh = build_mesh(spec, CFG, devices=jax.devices()[:4])
+    _, _, state, _ = initial_state(CFG, Precision.named("bf16"), seed=0, lr=constant_schedule(1e-4), mesh=mesh,
+                                   abstract=True)
+    p = plan(CFG, parse_mesh_spec(spec), settings=TrainSettings(global_batch=8, seq_len=32, precision="bf16",
+                                                                 master_weights="whole"))
+    assert p["state_bytes"] == pytest.approx(_per_device_bytes(state), rel=0.01)
+    paper = plan(CFG, parse_mesh_spec(spec), settings=TrainSettings(global_batch=8, seq_len=32, precision="bf16"))
+    assert paper["param_bytes"] == p["param_bytes"] / 2  # BF16 working weights instead of FP32
