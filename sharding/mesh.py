@@ -55,6 +55,18 @@ def mesh_sizes(spec: str | None, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def default_devices() -> list:
+    """The devices of a run without --mesh (all on dp): every device, or the first N when the environment variable
+    DSV3_DEVICES=N is set (e.g. one device of a multi-GPU host, or of simulated CPU devices)."""
+    devices = jax.devices()
+    n = os.environ.get("DSV3_DEVICES")
+    if n is None:
+        return devices
+    if not n.isdigit() or not 1 <= int(n) <= len(devices):
+        raise ValueError(f"DSV3_DEVICES={n!r}: expected a device count between 1 and {len(devices)}")
+    return devices[:int(n)]
+
+
 def ep_group_size(cfg: ModelConfig, ep: int) -> int:
     """Expert-parallel ranks forming one routing group's "node" (paper §2.1.2 node-limited routing): with the
     experts split contiguously over ep ranks, group g lives on ranks [g * s, (g + 1) * s) when ep is a multiple
@@ -84,8 +96,14 @@ def validate_mesh(sizes: dict[str, int], cfg: ModelConfig, batch: int | None = N
 
 def build_mesh(spec: str | None = None, cfg: ModelConfig | None = None, batch: int | None = None,
                devices=None) -> Mesh:
-    """A jax Mesh with axes ('pp', 'dp', 'ep', 'tp') over `devices` (default: all), checked against cfg/batch."""
-    devices = jax.devices() if devices is None else list(devices)
+    """A jax Mesh with axes ('pp', 'dp', 'ep', 'tp') over `devices`, checked against cfg/batch. Default devices:
+    without a spec `default_devices()`; with one, the first devices of a single process that the spec's sizes
+    multiply to (all of them across several processes)."""
+    if devices is None:
+        devices = default_devices() if spec is None else jax.devices()
+        if spec is not None and jax.process_count() == 1:
+            devices = devices[:min(len(devices), math.prod(parse_mesh_spec(spec).values()))]
+    devices = list(devices)
     sizes = mesh_sizes(spec, len(devices))
     if cfg is not None:
         validate_mesh(sizes, cfg, batch)

@@ -12,8 +12,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE)
 import jax  # noqa: E402
 
 # Eight simulated CPU devices in the test process, so that multi-device checks (meshes of up to 8) run in-process;
-# arrays and single-device programs stay on device 0.
+# arrays and single-device programs stay on device 0, and a run without --mesh uses one device (DSV3_DEVICES,
+# sharding.mesh.default_devices). Subprocesses inherit DSV3_DEVICES but not the device count.
 jax.config.update("jax_num_cpu_devices", 8)
+os.environ.setdefault("DSV3_DEVICES", "1")
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dsv3-jax-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

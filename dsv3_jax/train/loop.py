@@ -37,7 +37,7 @@ from dsv3_jax.train.packing import PackedBatches, check_seq_len
 from dsv3_jax.train.step import BALANCE_SCOPES, StepConfig, init_state, make_train_step, split_model
 from dsv3_jax.train.tokenizer import Tokenizer, train_or_load_tokenizer
 from dsv3_jax.train.tokens import prepare_tokens
-from sharding.mesh import build_mesh, initialize_distributed, parse_mesh_spec
+from sharding.mesh import build_mesh, default_devices, initialize_distributed, parse_mesh_spec
 from sharding.pipeline import SCHEDULES, make_schedule
 from sharding.pipeline_transformer import check_stage_split
 from sharding.rules import ZERO_MODES, batch_spec, train_state_shardings
@@ -504,7 +504,7 @@ def build_session(workdir: pathlib.Path, ckpt: Checkpointer, cfg: ModelConfig, p
     with `resume` (whose model config must equal `cfg`)."""
     main_process = jax.process_index() == 0
     # One device keeps the plain jit step; several (or an explicit --mesh) run over a mesh.
-    mesh = None if mesh_spec is None and jax.device_count() == 1 else build_mesh(mesh_spec, cfg, batch=micro)
+    mesh = None if mesh_spec is None and len(default_devices()) == 1 else build_mesh(mesh_spec, cfg, batch=micro)
     graphdef, optimizer, state, shardings = initial_state(cfg, precision, seed=seed, lr=lr, mesh=mesh, zero=zero,
                                                           init=init)
     session = Session(workdir, ckpt, mesh, shardings, graphdef, optimizer, state, main_process=main_process)

@@ -41,12 +41,23 @@ def test_bad_specs(spec, message):
         parse_mesh_spec(spec)
 
 
-def test_sizes_must_multiply_to_the_device_count():
+def test_sizes_must_multiply_to_the_device_count(monkeypatch):
     with pytest.raises(ValueError, match="= 6 devices, but there are 8"):
         mesh_sizes("dp=3,ep=2", 8)
-    with pytest.raises(ValueError, match="there are 1"):
-        build_mesh("dp=2")
+    with pytest.raises(ValueError, match="= 16 devices, but there are 8"):  # the test process has 8 (conftest)
+        build_mesh("dp=16")
+    # a spec with fewer devices than the process has takes the first ones
+    small = build_mesh("dp=2,ep=2")
+    assert small.shape == {"pp": 1, "dp": 2, "ep": 2, "tp": 1}
+    assert list(small.devices.flat) == jax.devices()[:4]
+    # without a spec: every device on dp, or the first DSV3_DEVICES of them
+    monkeypatch.setenv("DSV3_DEVICES", "1")
     assert build_mesh().shape == {"pp": 1, "dp": 1, "ep": 1, "tp": 1}
+    monkeypatch.delenv("DSV3_DEVICES")
+    assert build_mesh().shape == {"pp": 1, "dp": 8, "ep": 1, "tp": 1}
+    monkeypatch.setenv("DSV3_DEVICES", "9")
+    with pytest.raises(ValueError, match="DSV3_DEVICES='9'"):
+        build_mesh()
 
 
 @pytest.mark.parametrize("sizes, cfg, batch, message", [
@@ -136,5 +147,5 @@ def test_cli_and_train_refuse_bad_meshes(tmp_path, capsys):
     assert "unknown axis 'zz'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pipeline parallelism"):
         train(RunArgs(workdir=str(tmp_path / "b"), steps=1, mesh="pp=2"))
-    with pytest.raises(ValueError, match="there are 1"):
-        train(RunArgs(workdir=str(tmp_path / "c"), steps=1, mesh="dp=2,ep=4", data=[str(tmp_path / "x.txt")]))
+    with pytest.raises(ValueError, match="there are 8"):
+        train(RunArgs(workdir=str(tmp_path / "c"), steps=1, mesh="dp=4,ep=4", data=[str(tmp_path / "x.txt")]))
