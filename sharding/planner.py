@@ -267,10 +267,10 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
                 raise ValueError(f"mesh tp={tp} does not divide ModelConfig.{name} ({getattr(cfg, name)})")
     units = model_units(cfg, s.seq_len, fp8)
     n_stages = 2 * pp if schedule == "dualpipev" else pp
-    if len(units) % n_stages:
+    if len(units) < n_stages:
         raise ValueError(
             f"the model's {len(units)} pipeline units ({cfg.num_hidden_layers} layers + {cfg.num_mtp_layers} MTP "
-            f"+ embedding + head) do not split into {n_stages} equal pipeline stages (pp={pp}, {schedule})")
+            f"+ embedding + head) are fewer than the {n_stages} pipeline stages (pp={pp}, {schedule})")
     data_ranks = dp * ep
     if s.global_batch % (data_ranks * s.micro_batch):
         raise ValueError(f"global batch {s.global_batch} is not divisible by dp*ep*micro_batch = "
@@ -282,8 +282,11 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
     if schedule == "dualpipev" and n_micro < 2 * pp:
         raise ValueError(f"DualPipeV needs at least 2*pp = {2 * pp} micro-batches, got {n_micro}")
 
-    per_stage = len(units) // n_stages
-    stages = [units[i * per_stage:(i + 1) * per_stage] for i in range(n_stages)]
+    # contiguous stages of equal unit counts where they divide, else the first len % n_stages stages hold one
+    # unit more (uneven stages; a cost-balanced split is not modelled)
+    per_stage, extra = divmod(len(units), n_stages)
+    bounds = [i * per_stage + min(i, extra) for i in range(n_stages + 1)]
+    stages = [units[bounds[i]:bounds[i + 1]] for i in range(n_stages)]
     # (stage, passes per micro-batch) on each rank: a DualPipe micro-batch meets rank r in one of its two stages
     # (half of them flow each way); a DualPipeV micro-batch meets it twice (going down the V and coming back).
     if schedule == "dualpipe":
@@ -415,7 +418,8 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         "gpus": n_gpus, **{a: m[a] for a in MESH_AXES}, "hardware": hw.name, "schedule": schedule,
         "precision": s.precision, "global_batch": s.global_batch, "seq_len": s.seq_len,
         "micro_batch": s.micro_batch, "micro_batches_per_step": n_micro, "tokens_per_step": tokens_step,
-        "pipeline_units": len(units), "stages": n_stages, "units_per_stage": per_stage,
+        "pipeline_units": len(units), "stages": n_stages, "units_per_stage": per_stage + (extra > 0),
+        "uneven_stages": extra,
         "gemm_efficiency": s.gemm_efficiency, "attention_efficiency": s.attention_efficiency,
         "compute_sm_share": sm_share,
         # memory (bytes) on the worst rank
@@ -469,8 +473,9 @@ def format_plan(p: dict, model: str = "") -> str:
         f"{p['precision']}",
         f"  step: {p['global_batch']} sequences x {p['seq_len']} tokens = {p['tokens_per_step'] / 1e6:.1f}M tokens; "
         f"{p['micro_batches_per_step']} micro-batches of {p['micro_batch']} per pipeline",
-        f"  {p['stages']} stages x {p['units_per_stage']} units ({p['pipeline_units']} = layers + MTP + embedding + "
-        f"head)",
+        f"  {p['stages']} stages x {p['units_per_stage']} units"
+        + (f" ({p['uneven_stages']} of them; the others one fewer)" if p.get("uneven_stages") else "")
+        + f" ({p['pipeline_units']} = layers + MTP + embedding + head)",
         f"  assumed: GEMMs at {p['gemm_efficiency']:.0%} and attention at {p['attention_efficiency']:.0%} of peak, "
         f"on {p['compute_sm_share']:.0%} of the SMs; "
         + ("all-to-all and PP p2p overlapped with compute" if p["comm_overlapped"] else "communication not overlapped"),

@@ -170,7 +170,7 @@ def test_bad_mesh_spec(spec, match):
     (V3, "pp=16,ep=64,dp=auto", None, {}, "needs the GPU count"),
     (V3, "pp=16,ep=64,dp=auto", 2000, {}, "not a multiple"),
     (TINY, "ep=3", None, {}, "ep=3 does not divide the 8 routed experts"),
-    (TINY, "pp=4", None, {"schedule": "1f1b"}, "6 pipeline units .* do not split into 4"),
+    (TINY, "pp=8", None, {"schedule": "1f1b", "global_batch": 8}, "6 pipeline units .* fewer than the 8"),
     (V3, "pp=16,dp=2,ep=64", None, {"global_batch": 1000}, "not divisible by dp\\*ep\\*micro_batch"),
     (TINY, "pp=3", None, {"global_batch": 12}, "DualPipe needs an even pp"),
     (TINY, "pp=2", None, {"global_batch": 2}, "DualPipe needs"),
@@ -191,3 +191,11 @@ def test_bad_hardware_and_cli_error_exit(capsys):
         resolve_mesh({"xp": 2})
     assert cli.main(["plan", "--mesh", "pp=16,ep=48,dp=2"]) == 2
     assert "dsv3 plan: error: mesh ep=48 does not divide the 256 routed experts" in capsys.readouterr().err
+
+
+def test_uneven_stages_give_the_first_stages_one_unit_more():
+    """6 units over 4 stages: [embed, dense], [moe, moe], [mtp], [head]; rank 1 with its two MoE blocks is the
+    fullest (this file's by-hand counts)."""
+    p = plan(TINY, {"pp": 4}, "h800", TrainSettings(global_batch=8, seq_len=32, schedule="1f1b"))
+    assert (p["stages"], p["units_per_stage"], p["uneven_stages"]) == (4, 2, 2)
+    assert p["mem_rank"] == 1 and p["params_per_device"] == 2 * (22728 + 49152)  # two MoE blocks
