@@ -25,6 +25,7 @@ from sharding.mesh import build_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = get_preset("tiny")
+NO_MTP = CFG.replace(num_mtp_layers=0)  # a smaller program for the compiles
 
 
 def _per_device_bytes(tree) -> int:
@@ -34,7 +35,7 @@ def _per_device_bytes(tree) -> int:
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_memory(CFG, "dp=2,ep=2", seq_len=32, microbatches=2, precision="bf16",
+    return compile_memory(NO_MTP, "dp=2,ep=2", seq_len=16, microbatches=2, precision="bf16",
                           devices=jax.devices()[:4])
 
 
@@ -45,12 +46,12 @@ def test_compile_memory_figures(compiled):
                                       - compiled["alias_bytes"])
     assert (compiled["accumulated"], compiled["sequences_per_step"]) == (2, 8)
     # the arguments are the train state's shards on one device (ZeRO-1 moments split over dp x ep, experts over
-    # ep) plus the batch [K=2, M/4=1, S=33] int32 and a few scalars; the donated state comes back aliased
-    mesh = build_mesh("dp=2,ep=2", CFG, devices=jax.devices()[:4])
-    _, _, state, _ = initial_state(CFG, Precision.named("bf16"), seed=0, lr=constant_schedule(1e-4), mesh=mesh,
+    # ep) plus the batch [K=2, M/4=1, S=17] int32 and a few scalars; the donated state comes back aliased
+    mesh = build_mesh("dp=2,ep=2", NO_MTP, devices=jax.devices()[:4])
+    _, _, state, _ = initial_state(NO_MTP, Precision.named("bf16"), seed=0, lr=constant_schedule(1e-4), mesh=mesh,
                                    abstract=True)
     state_bytes = _per_device_bytes(state)
-    batch_bytes = 2 * 1 * 33 * 4
+    batch_bytes = 2 * 1 * 17 * 4
     assert state_bytes < _per_device_bytes(jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(
             jax.devices()[0])), state))  # something is sharded
@@ -66,13 +67,13 @@ def test_cli_compile_uses_the_check_and_fits(compiled, monkeypatch, capsys):
         return dict(compiled)
 
     monkeypatch.setattr(compile_check, "compile_in_subprocess", fake)
-    rc = cli.main(["plan", "--preset", "tiny", "--mesh", "dp=2,ep=2", "--global-batch", "8", "--seq-len", "32",
+    rc = cli.main(["plan", "--preset", "tiny", "--mesh", "dp=2,ep=2", "--global-batch", "8", "--seq-len", "16",
                    "--precision", "bf16", "--compile"])
     out = capsys.readouterr().out
     assert rc == 0 and "compiled train step" in out and "fits" in out
-    assert seen == dict(mesh="pp=1,dp=2,ep=2,tp=1", seq_len=32, micro_batch=1, microbatches=2, pipeline=None,
+    assert seen == dict(mesh="pp=1,dp=2,ep=2,tp=1", seq_len=16, micro_batch=1, microbatches=2, pipeline=None,
                         precision="bf16", remat="paper")
-    rc = cli.main(["plan", "--preset", "tiny", "--mesh", "dp=2,ep=2", "--global-batch", "8", "--seq-len", "32",
+    rc = cli.main(["plan", "--preset", "tiny", "--mesh", "dp=2,ep=2", "--global-batch", "8", "--seq-len", "16",
                    "--precision", "bf16", "--compile", "--memory-gb", str(compiled["peak_bytes"] / 2e9)])
     assert rc == 3 and "more than the" in capsys.readouterr().err
 
