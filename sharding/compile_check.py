@@ -10,9 +10,9 @@ caller needs no flag, and gets its JSON back.
 
 Per device, XLA reports argument, output, temporary and alias (donated input reused as output) bytes; the peak is
 argument + output + temp - alias. The CPU compile differs from a GPU one (docs/design.md, "Compile-only check"):
-CPU has no FP8 dot (the E4M3 GEMMs are emulated by upcasting the operands to float32), no fused attention kernel,
-and the CPU grouped expert GEMM is a dense one-hot einsum; the figures are therefore an upper bound of a GPU
-compile's temporaries, and the arguments (the state) are exact.
+XLA's CPU backend runs BF16 dots in float32 and keeps float32 copies of their operands, it has no FP8 dot (E4M3
+operands are upcast), and the CPU grouped expert GEMM pads every expert's rows to 64-row tiles where a GPU runs
+ragged_dot; so the temporaries are an upper bound of a GPU compile's, and the arguments (the state) are exact.
 """
 
 from __future__ import annotations
