@@ -137,20 +137,49 @@ def test_all_to_all_buffers_are_bounded(moe_params):
     assert ep_buffer_rows(TINY, B * S // 8, 8) == 8 * cap
 
 
+# ----- FP8 under expert parallelism -----
+
+def test_fp8_expert_gemms_under_expert_parallelism(moe_params):
+    """The received rows go through the FP8 expert GEMMs: the expert-parallel FP8 output (every token on experts 0
+    and 1: several rounds) equals the single-device FP8 one (1x128 activation tiles are per row, so the row
+    layout does not change the quantization) and differs from the BF16 one by the FP8 error."""
+    x, w = moe_params
+    x = x.astype(jnp.bfloat16)
+    bias = jnp.asarray(BIASES["two_experts"])
+
+    def single(x, w, fp8):
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = route(x_TD, w["router"], bias, TINY)
+        return routed_experts(x_TD, routing, w["w_gate"], w["w_up"], w["w_down"], fp8=fp8)[0].reshape(x.shape)
+
+    y8, y16 = (jax.jit(single, static_argnums=2)(x, w, fp8) for fp8 in (True, False))
+    mesh = build_mesh("dp=2,ep=4", TINY, batch=B, devices=jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda x, w: moe_expert_parallel(x, w["router"], bias, w["w_gate"], w["w_up"], w["w_down"],
+                                                     TINY, fp8=True)[0])(
+            jax.device_put(x, NamedSharding(mesh, P(("dp", "ep")))), w)
+    assert y.dtype == jnp.bfloat16
+    assert _rel(y, y8) <= 1e-2 * _rel(y16, y8), (_rel(y, y8), _rel(y16, y8))
+    assert _rel(y16, y8) > 1e-3
+
+
 # ----- FP8 training under dp=2 x ep=4 -----
 
 FP8_STEPS, FP8_B, FP8_S = 20, 8, 32
+# The tiny preset cut to one MoE layer without MTP (as tests/test_fp8_training.py): one block body to compile per
+# layout; it runs every FP8 path of the model, the routed experts through the expert-parallel exchange.
+FP8_CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0, num_mtp_layers=0)
 
 
 def test_fp8_training_under_expert_parallelism_follows_one_device():
-    """20 AdamW steps of the tiny model in fp8 precision on one device and over dp=2 x ep=4 from the same init on
+    """20 AdamW steps of the (one-layer) tiny model in fp8 precision on one device and over dp=2 x ep=4 from the same init on
     the same data: the expert-parallel MoE runs the FP8 expert GEMMs, and the losses agree within 1%."""
-    assert TINY.n_routed_experts % 4 == 0
+    assert FP8_CFG.n_routed_experts % 4 == 0
     rng = np.random.default_rng(0)
     # two batches in turn: the model memorises them, so the loss falls within 20 steps
-    data = rng.integers(0, TINY.vocab_size, (2, FP8_B, FP8_S + 1)).astype(np.int32)[np.arange(FP8_STEPS) % 2]
+    data = rng.integers(0, FP8_CFG.vocab_size, (2, FP8_B, FP8_S + 1)).astype(np.int32)[np.arange(FP8_STEPS) % 2]
     precision = Precision.named("fp8")
-    graphdef, params, bias = split_model(Transformer(TINY, nnx.Rngs(0), precision))
+    graphdef, params, bias = split_model(Transformer(FP8_CFG, nnx.Rngs(0), precision))
     optimizer = optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.1)
 
     def loss_fn(params, bias, window):
@@ -170,15 +199,19 @@ def test_fp8_training_under_expert_parallelism_follows_one_device():
         out.append(float(loss))
     losses["single"] = np.array(out)
 
-    mesh = build_mesh("dp=2,ep=4", TINY, batch=FP8_B, devices=jax.devices()[:8])
+    mesh = build_mesh("dp=2,ep=4", FP8_CFG, batch=FP8_B, devices=jax.devices()[:8])
     sh = train_state_shardings(init_state(params, bias, make_optimizer(params, 1e-3, 10)), mesh)
     t_sh = NamedSharding(mesh, batch_spec(2))
     with jax.set_mesh(mesh):
         p, b = jax.device_put(params, sh["params"]), jax.device_put(bias, sh["bias"])
         o = jax.jit(optimizer.init)(p)
-        sharded = jax.jit(step, in_shardings=(sh["params"], None, sh["bias"], t_sh))
-        jaxpr = str(jax.make_jaxpr(step)(p, o, b, jnp.asarray(data[0])))
-        assert "all_to_all" in jaxpr and "f8_e4m3fn" in jaxpr
+        o_sh = jax.tree.map(lambda a: a.sharding, o)
+        lowered = jax.jit(step, in_shardings=(sh["params"], o_sh, sh["bias"], t_sh),
+                          out_shardings=(sh["params"], o_sh, None)).lower(
+            p, o, b, jax.device_put(jnp.asarray(data[0]), t_sh))
+        hlo = lowered.as_text()
+        assert "all_to_all" in hlo and "f8E4M3FN" in hlo  # the expert-parallel exchange, FP8 GEMMs
+        sharded = lowered.compile()
         out = []
         for i in range(FP8_STEPS):
             p, o, loss = sharded(p, o, b, jax.device_put(jnp.asarray(data[i]), t_sh))
