@@ -22,15 +22,15 @@ from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.precision import Precision
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, split_model
-from sharding.expert_parallel import (ep_buffer_rows, ep_capacity, ep_worst_case_capacity, moe_expert_parallel)
+from sharding.expert_parallel import ep_buffer_rows, ep_capacity, ep_worst_case_capacity, moe_expert_parallel
 from sharding.mesh import build_mesh
 from sharding.rules import batch_spec, train_state_shardings
 
 B, S = 8, 32  # 8 sequences of 32 tokens: 32 tokens per rank on ep=8 and on dp=2 x ep=4
-BIASES = {"one_expert": np.zeros(8, np.float32), "two_experts": np.zeros(8, np.float32),
-          "random": np.zeros(8, np.float32)}
-BIASES["one_expert"][0] = 10.0  # every token's first choice is expert 0 (rank 0)
-BIASES["two_experts"][:2] = 10.0  # every token chooses experts 0 and 1: both on rank 0 under ep=4
+# expert bias of the routing cases: every token's first choice expert 0 (rank 0); every token on experts 0 and 1
+# (both on rank 0 under ep=4); no bias (random inputs and router: a random routing)
+BIASES = {"one_expert": 10.0 * (np.arange(8) < 1), "two_experts": 10.0 * (np.arange(8) < 2), "random": np.zeros(8)}
+BIASES = {k: v.astype(np.float32) for k, v in BIASES.items()}
 
 
 def _rel(a, b) -> float:
