@@ -485,7 +485,8 @@ def format_plan(p: dict, model: str = "") -> str:
         row(f"activations ({p['chunks_in_flight']} chunks x {p['activation_bytes_per_chunk'] / gib:.2f} GiB; "
             f"{p['activation_bytes_per_block'] / gib:.2f} GiB for the largest block)",
             p["activation_bytes"] / gib),
-        row(f"EP send + receive buffers, one MoE layer (2 x {p['ep_dispatch_rows']:,} rows)", p["ep_buffer_bytes"] / gib),
+        row(f"EP send + receive buffers, one MoE layer (2 x {p['ep_dispatch_rows']:,} rows)",
+            p["ep_buffer_bytes"] / gib),
         f"    (one buffer {p['ep_dispatch_rows']:,} rows = {p['ep_dispatch_bytes'] / 1e9:.2f} GB; the unbounded worst "
         f"case {p['ep_dispatch_rows_worst_case']:,} rows = {p['ep_dispatch_bytes_worst_case'] / 1e9:.2f} GB)",
         row(f"total (of {p['hbm_bytes'] / gib:.1f} GiB HBM: {'fits' if p['fits'] else 'DOES NOT FIT'})",

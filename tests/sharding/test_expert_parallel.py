@@ -172,8 +172,8 @@ FP8_CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0, num_mtp_lay
 
 
 def test_fp8_training_under_expert_parallelism_follows_one_device():
-    """20 AdamW steps of the (one-layer) tiny model in fp8 precision on one device and over dp=2 x ep=4 from the same init on
-    the same data: the expert-parallel MoE runs the FP8 expert GEMMs, and the losses agree within 1%."""
+    """20 AdamW steps of the (one-layer) tiny model in fp8 precision on one device and over dp=2 x ep=4 from the
+    same init on the same data: the expert-parallel MoE runs the FP8 expert GEMMs, and the losses agree within 1%."""
     assert FP8_CFG.n_routed_experts % 4 == 0
     rng = np.random.default_rng(0)
     # two batches in turn: the model memorises them, so the loss falls within 20 steps
