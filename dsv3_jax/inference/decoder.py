@@ -61,7 +61,8 @@ class Decoder(NamedTuple):
         return cls(graphdef, tuple(defs), state, tuple(states), mtp_def, mtp_state)
 
     def forward(self, state, layer_states, tokens_BT, positions_BT, cache):
-        """forward_cached with the layers one by one (call under jit)."""
+        """(logits [B,T,V], hidden [B,T,D], cache): Transformer.forward against the cache with the layers one by
+        one (call under jit)."""
         layers = [nnx.merge(d, s) for d, s in zip(self.layer_defs, layer_states)]
         return nnx.merge(self.graphdef, state).forward_cached(tokens_BT, positions_BT, cache, layers)
 
@@ -70,9 +71,8 @@ class Decoder(NamedTuple):
         (logits [B,T,V], cache). Call under jit."""
         model, mod = nnx.merge(self.graphdef, state), nnx.merge(self.mtp_def, mtp_state)
         cos, sin = rope_cos_sin(positions_BT, model.config)
-        emb = model.embed_tokens(next_tokens_BT)
-        x = jnp.concatenate([mod.enorm(emb), mod.hnorm(hidden_BTD)], axis=-1) @ mod.eh_proj[...].astype(emb.dtype)
-        h, a, b = mod.block.cached(x, cos, sin, positions_BT, cache[0][0], cache[1][0])
+        h, _, (a, b) = mod(hidden_BTD, model.embed_tokens(next_tokens_BT), cos, sin, cache=(cache[0][0], cache[1][0]),
+                           positions_BT=positions_BT)
         return model.output_head(mod.head_norm(h)), type(cache)((a,), (b,))
 
     def static(self) -> tuple:

@@ -245,6 +245,9 @@ def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_do
         y_PD = fp8_expert_swiglu(x_TD, src_P, tile_expert_N, w_gate_EDF, w_up_EDF, w_down_EFD)
     else:
         tile = default_tile(t * k, e) if tile is None else tile
-        x_PD, layout = dispatch(x_TD, routing.experts_TK, e, max(tile, 1))
-        y_PD = _swiglu_experts(x_PD, layout.padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile)
-    return combine(y_PD, layout, routing.weights_TK), layout.counts_E
+        with jax.named_scope("dispatch"):
+            x_PD, layout = dispatch(x_TD, routing.experts_TK, e, max(tile, 1))
+        with jax.named_scope("expert_gemms"):
+            y_PD = _swiglu_experts(x_PD, layout.padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile)
+    with jax.named_scope("combine"):
+        return combine(y_PD, layout, routing.weights_TK), layout.counts_E

@@ -71,11 +71,12 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
     k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
     # k = [k_nope; k_pe shared by all heads] (eq. 4); head-major batched matmuls are 2-3x faster on the CPU
     # than the token-major einsums.
-    q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
-    k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])
-    k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
-    probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
-    o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    with jax.named_scope("core"):
+        q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
+        k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])
+        k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
+        probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
+        o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     if fp8:  # ue8m0: the paper's E5M6 input with power-of-two scales (E5M6 is not a JAX dtype; E4M3 here)
         return fp8_dense(o_BTHV, p["wo"], n_in=2, scale_fmt="ue8m0")
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
@@ -87,6 +88,7 @@ def absorb_query(p: Params, q_nope_BTHK: jax.Array, cfg: ModelConfig) -> jax.Arr
     return jnp.einsum("bthk,chk->bthc", q_nope_BTHK, w_uk_CHK)
 
 
+@jax.named_scope("core")
 def attend_latent(q_lat_BTHC, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_BTS, scale: float) -> jax.Array:
     """Attention over the latent cache: softmax(q_lat.c_kv + q_pe.k_pe) . c_kv -> o_lat [B,T,H,C]."""
     scores = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC)

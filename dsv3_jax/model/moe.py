@@ -53,14 +53,17 @@ class MoE(nnx.Module):
                 fp8=self.fp8)
         else:
             x_TD = x_BTD.reshape(b * t, d)
-            routing = route(x_TD, self.router[...], bias, self.cfg)
+            with jax.named_scope("router"):
+                routing = route(x_TD, self.router[...], bias, self.cfg)
             y, counts = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
                                        fp8=self.fp8)
             y = y.reshape(b, t, d)
             k = self.cfg.num_experts_per_tok
-            balance = jnp.mean(sequence_balance_terms(routing.scores_TE.reshape(b, t, -1),
-                                                      routing.experts_TK.reshape(b, t, k)))
-            balance_batch = batch_balance_terms(routing.scores_TE, routing.experts_TK)
+            with jax.named_scope("router"):
+                balance = jnp.mean(sequence_balance_terms(routing.scores_TE.reshape(b, t, -1),
+                                                          routing.experts_TK.reshape(b, t, k)))
+                balance_batch = batch_balance_terms(routing.scores_TE, routing.experts_TK)
         if self.shared is not None:
-            y = y + self.shared(x_BTD)
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared(x_BTD)
         return y, MoEAux(counts, balance, balance_batch)
