@@ -67,14 +67,16 @@ class Decoder(NamedTuple):
         layers = [nnx.merge(d, s) for d, s in zip(self.layer_defs, layer_states)]
         return nnx.merge(self.graphdef, state).forward_cached(tokens_BT, positions_BT, cache, layers)
 
-    def mtp_forward(self, state, mtp_state, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache | KVCache):
+    def mtp_forward(self, state, mtp_state, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache | KVCache,
+                    last_B):
         """The first MTP module at `positions` (h_i of the main model, token i+1) against its own one-layer cache:
-        (logits [B,T,V], cache). Call under jit."""
+        (logits [B,V] at each row's position last_B (the only head evaluated), cache). Call under jit."""
         model, mod = nnx.merge(self.graphdef, state), nnx.merge(self.mtp_def, mtp_state)
         cos, sin = rope_cos_sin(positions_BT, model.config)
         h, _, (a, b) = mod(hidden_BTD, model.embed_tokens(next_tokens_BT), cos, sin, cache=(cache[0][0], cache[1][0]),
                            positions_BT=positions_BT)
-        return model.output_head(mod.head_norm(h)), type(cache)((a,), (b,))
+        h_B1D = h[jnp.arange(h.shape[0]), last_B][:, None]
+        return model.output_head(mod.head_norm(h_B1D))[:, 0], type(cache)((a,), (b,))
 
     def static(self) -> tuple:
         """The hashable part (graph definitions), the key of compiled steps."""
