@@ -28,10 +28,11 @@ BATCHES = (1, 8)
 
 
 def _timed(fn, tokens: int) -> dict:
-    """{"tokens_per_s"} of one call of fn generating ``tokens`` tokens in all."""
-    t = time.perf_counter()
+    """{"tokens_per_s", "cpu_tokens_per_s"} of one call of fn generating ``tokens`` tokens in all: per second of
+    wall time and per second of this process's CPU time (steadier than wall time on a shared machine)."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return {"tokens_per_s": tokens / (time.perf_counter() - t)}
+    return {"tokens_per_s": tokens / (time.perf_counter() - t), "cpu_tokens_per_s": tokens / (time.process_time() - c)}
 
 
 def prepare_dsv3(model, batch: int, new_tokens: int):
@@ -95,46 +96,58 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--preset", default="small", help="model preset (small; tiny for a quick check)")
     ap.add_argument("--workdir", default="runs/tiny", help="a dsv3 train work directory with a trained MTP module")
+    ap.add_argument("--speculative-only", action="store_true",
+                    help="only speculative vs plain decoding on --workdir's model (no transformers comparison)")
     add_repeats_arg(ap)
     args = ap.parse_args(argv)
     if args.new_tokens < 1:
         ap.error(f"--new-tokens must be positive, got {args.new_tokens}")
     check_repeats(args.repeats)
     state = machine_state()
-    cfg = get_preset(args.preset).replace(num_mtp_layers=0)
-    model = Transformer(cfg, nnx.Rngs(0))
     runners = {}
-    theirs = prepare_transformers(cfg, BATCHES, args.new_tokens)
-    for b in BATCHES:
+    batches = () if args.speculative_only else BATCHES
+    if batches:
+        cfg = get_preset(args.preset).replace(num_mtp_layers=0)
+        model = Transformer(cfg, nnx.Rngs(0))
+        theirs = prepare_transformers(cfg, batches, args.new_tokens)
+    for b in batches:
         runners[f"dsv3_{b}"] = prepare_dsv3(model, b, args.new_tokens)
         runners[f"transformers_{b}"] = theirs[b]
     spec = prepare_speculative(args.workdir, args.new_tokens)
+    if spec is None and args.speculative_only:
+        raise FileNotFoundError(f"--speculative-only: no trained run in {args.workdir} (no checkpoints/ there; "
+                                "run the README's first command)")
     runners.update(spec or {})
     runs = interleave(runners, args.repeats)
     rows = []
     for r in range(args.repeats):
-        ours = {b: runs[f"dsv3_{b}"][r]["tokens_per_s"] for b in BATCHES}
-        hf = {b: runs[f"transformers_{b}"][r]["tokens_per_s"] for b in BATCHES}
-        row = {"dsv3_tokens_per_s": ours[1], "transformers_tokens_per_s": hf[1], "ratio": ours[1] / hf[1],
-               "dsv3_batch8_tokens_per_s": ours[8], "transformers_batch8_tokens_per_s": hf[8],
-               "ratio_batch8": ours[8] / hf[8], "speculative_speedup": None, "acceptance_rate": None,
-               "plain_tokens_per_s": None, "speculative_tokens_per_s": None, "tokens_per_forward": None}
+        row = {}
+        if batches:
+            ours = {b: runs[f"dsv3_{b}"][r]["tokens_per_s"] for b in BATCHES}
+            hf = {b: runs[f"transformers_{b}"][r]["tokens_per_s"] for b in BATCHES}
+            row = {"dsv3_tokens_per_s": ours[1], "transformers_tokens_per_s": hf[1], "ratio": ours[1] / hf[1],
+                   "dsv3_batch8_tokens_per_s": ours[8], "transformers_batch8_tokens_per_s": hf[8],
+                   "ratio_batch8": ours[8] / hf[8]}
+        row.update(speculative_speedup=None, speculative_speedup_cpu=None, acceptance_rate=None,
+                   plain_tokens_per_s=None, speculative_tokens_per_s=None, tokens_per_forward=None)
         if spec:
             plain, fast = runs["plain"][r], runs["speculative"][r]
             row.update(speculative_speedup=fast["tokens_per_s"] / plain["tokens_per_s"],
+                       speculative_speedup_cpu=fast["cpu_tokens_per_s"] / plain["cpu_tokens_per_s"],
                        acceptance_rate=fast["acceptance_rate"], plain_tokens_per_s=plain["tokens_per_s"],
                        speculative_tokens_per_s=fast["tokens_per_s"], tokens_per_forward=fast["tokens_per_forward"])
         rows.append(row)
     s = summarize(rows)
     print(f"{args.preset} preset, greedy, prompt {PROMPT} tokens, {args.new_tokens} new tokens; "
           + header(state, args.repeats))
-    for b, suffix in ((1, ""), (8, "_batch8")):
+    for b, suffix in ((1, ""), (8, "_batch8")) if batches else ():
         key = "dsv3_tokens_per_s" if b == 1 else "dsv3_batch8_tokens_per_s"
         print(f"  batch {b}: dsv3-jax {_fmt(s, key)} tokens/s   transformers "
               f"{_fmt(s, key.replace('dsv3', 'transformers'))} tokens/s   ratio {_fmt(s, 'ratio' + suffix, '.2f')}x")
     if spec:
         print(f"  speculative (MTP, {args.workdir}): {_fmt(s, 'speculative_tokens_per_s')} vs plain "
-              f"{_fmt(s, 'plain_tokens_per_s')} tokens/s = {_fmt(s, 'speculative_speedup', '.2f')}x; acceptance "
+              f"{_fmt(s, 'plain_tokens_per_s')} tokens/s = {_fmt(s, 'speculative_speedup', '.2f')}x (CPU time: "
+              f"{_fmt(s, 'speculative_speedup_cpu', '.2f')}x); acceptance "
               f"{s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens per forward")
     else:
         print(f"  speculative: no trained run in {args.workdir} (run the README's first command)")

@@ -78,10 +78,21 @@ def block_flops(cfg: ModelConfig, tokens: int, keys: int, decode: bool = False) 
 
 
 def _op_scopes(hlo_text: str) -> dict[str, str]:
-    """{instruction name: its op_name metadata} from a compiled module's text."""
-    out = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
-        out[m.group(1)] = m.group(2)
+    """{instruction name: its op_name metadata} from a compiled module's text; an instruction that XLA's passes
+    left without metadata (e.g. a canonicalised dot) takes the scope of its first operand that has one."""
+    out: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = [^=]*?\b[\w\-]+\((.*?)\)", line)
+        if not m:
+            continue
+        meta = re.search(r'op_name="([^"]*)"', line)
+        if meta:
+            out[m.group(1)] = meta.group(1)
+            continue
+        for operand in re.findall(r"%([\w.\-]+)", m.group(2)):
+            if operand in out:
+                out[m.group(1)] = out[operand]
+                break
     return out
 
 

@@ -112,9 +112,15 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
             for i in range(steps):
                 callback(made + i, tokens[:, i].copy())
         made += steps
-    new[:, made:] = new[:, made - 1:made]  # every row stopped: each keeps its stop token to the end
-    for row in range(b):
-        out[row, lengths[row]:lengths[row] + max_new_tokens] = new[row]
+    return _place(out, lengths, new, np.full((b,), made))
+
+
+def _place(out: np.ndarray, lengths: np.ndarray, new_BN: np.ndarray, counts_B: np.ndarray) -> np.ndarray:
+    """out with each row's first counts_B[b] new tokens written from its prompt length on; a row that stopped
+    early (fewer than N) repeats its last (stop) token to the end."""
+    for row, (n, count) in enumerate(zip(lengths, counts_B)):
+        out[row, n:n + count] = new_BN[row, :count]
+        out[row, n + count:n + new_BN.shape[1]] = new_BN[row, count - 1]
     return out
 
 

@@ -1,7 +1,8 @@
 """MTP speculative decoding (paper §2.2, §5.4.3): the first MTP module drafts the token after next, one main-model
 forward verifies [next, draft] together; greedy accepts on an exact match, sampling uses the speculative-sampling
 rule (accept with probability min(1, p/q), else resample from max(0, p - q)), so the output distribution is the
-main model's. Each row of the batch advances by one or two tokens per forward.
+main model's. Each row of the batch advances by one or two tokens per forward; the verify steps run in a device
+loop (up to SPECULATIVE_CHUNK forwards per host round trip), as generate()'s decode steps do.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.inference.decoder import Decoder, compile_step, layer_cache
-from dsv3_jax.inference.generate import _prepare, filter_logits
+from dsv3_jax.inference.generate import _place, _prepare, filter_logits
 
 
 class SpeculativeStats(NamedTuple):
@@ -57,8 +58,7 @@ def _prefill_step(dec: Decoder, temperature, top_k, top_p, state, layer_states, 
     k1, k2 = jax.random.split(key)
     nxt = _pick(logits[rows, last_B], k1, temperature, top_k, top_p)
     shifted = jnp.concatenate([prompt_BT[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1).at[rows, last_B].set(nxt)
-    mtp_logits, mtp_cache = dec.mtp_forward(state, mtp_state, hidden, shifted, positions, mtp_cache)
-    draft_logits = mtp_logits[rows, last_B]
+    draft_logits, mtp_cache = dec.mtp_forward(state, mtp_state, hidden, shifted, positions, mtp_cache, last_B)
     return nxt, _pick(draft_logits, k2, temperature, top_k, top_p), draft_logits, cache, mtp_cache
 
 
@@ -87,10 +87,65 @@ def _verify_step(dec: Decoder, temperature, top_k, top_p, state, layer_states, m
     new_nxt = jnp.where(accept, bonus, fix)
     # MTP over (h_pos, token pos+1) and (h_pos+1, token pos+2); the draft comes from the last valid one
     tok0 = jnp.where(accept, draft_B, fix)
-    mtp_logits, mtp_cache = dec.mtp_forward(state, mtp_state, hidden, jnp.stack([tok0, new_nxt], axis=1),
-                                            verify_pos, mtp_cache)
-    draft_logits = jnp.where(accept[:, None], mtp_logits[:, 1], mtp_logits[:, 0])
+    draft_logits, mtp_cache = dec.mtp_forward(state, mtp_state, hidden, jnp.stack([tok0, new_nxt], axis=1),
+                                              verify_pos, mtp_cache, accept.astype(jnp.int32))
     return accept, new_nxt, _pick(draft_logits, k_draft, temperature, top_k, top_p), draft_logits, cache, mtp_cache
+
+
+class _Loop(NamedTuple):
+    """The state the verify loop carries from step to step and from one device call to the next."""
+
+    new_BN: jax.Array  # int32: row b's new tokens, the first emitted_B[b] written
+    emitted_B: jax.Array
+    done_B: jax.Array  # a stop token was emitted
+    nxt_B: jax.Array  # emitted, not yet run through the model (at pos_B)
+    draft_B: jax.Array  # the MTP module's guess for the token after nxt_B
+    draft_logits_BV: jax.Array
+    pos_B: jax.Array
+    cache: tuple
+    mtp_cache: tuple
+    drafted: jax.Array  # int32 scalars: the statistics
+    accepted: jax.Array
+    forwards: jax.Array
+
+
+SPECULATIVE_CHUNK = 32  # verify steps per device call (each emits up to 2 tokens per row)
+
+
+def _emit(new_BN, emitted_B, done_B, tok_B, valid_B, stops):
+    """Append tok_B to the rows where valid_B; a stop token ends its row."""
+    at = jnp.where(valid_B, emitted_B, new_BN.shape[1])  # out of range: dropped
+    new_BN = new_BN.at[jnp.arange(tok_B.shape[0]), at].set(tok_B, mode="drop")
+    return new_BN, emitted_B + valid_B, done_B | (valid_B & jnp.isin(tok_B, stops))
+
+
+def _verify_chunk(dec: Decoder, chunk: int, temperature, top_k, top_p, state, layer_states, mtp_state, loop: _Loop,
+                  stops, key):
+    """Up to `chunk` verify steps in one device loop, stopping early when every row is done or full:
+    (loop, finished). Step i uses fold_in(key, forwards) as the host loop of single steps did."""
+    n = loop.new_BN.shape[1]
+
+    def live(c: _Loop):
+        return ~c.done_B & (c.emitted_B < n)
+
+    def cond(ic):
+        i, c = ic
+        return (i < chunk) & jnp.any(live(c))
+
+    def body(ic):
+        i, c = ic
+        live_B = live(c)
+        accept, nxt, draft, draft_logits, cache, mtp_cache = _verify_step(
+            dec, temperature, top_k, top_p, state, layer_states, mtp_state, c.nxt_B, c.draft_B, c.draft_logits_BV,
+            c.pos_B, c.cache, c.mtp_cache, key, c.forwards)
+        new, emitted, done = _emit(c.new_BN, c.emitted_B, c.done_B, c.draft_B, accept & live_B, stops)
+        new, emitted, done = _emit(new, emitted, done, nxt, ~done & (emitted < n), stops)
+        pos = c.pos_B + jnp.where(live_B, 1 + accept, 0)  # finished rows stay put (their cache stays in range)
+        return i + 1, _Loop(new, emitted, done, nxt, draft, draft_logits, pos, cache, mtp_cache,
+                            c.drafted + jnp.sum(live_B), c.accepted + jnp.sum(accept & live_B), c.forwards + 1)
+
+    _, loop = jax.lax.while_loop(cond, body, (jnp.int32(0), loop))
+    return loop, ~jnp.any(live(loop))
 
 
 def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -107,53 +162,26 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, temperature: fl
         return (out, SpeculativeStats(0, 0, 0, 0, b)) if return_stats else out
     dec = Decoder.of(model)
     settings = (temperature, top_k, top_p)
-    donate = ("cache", "mtp_cache")
-    prefill = compile_step(_prefill_step, dec.static(), donate, *settings)
-    verify = compile_step(_verify_step, dec.static(), donate, *settings)
+    prefill = compile_step(_prefill_step, dec.static(), ("cache", "mtp_cache"), *settings)
+    verify = compile_step(_verify_chunk, dec.static(), ("loop",), SPECULATIVE_CHUNK, *settings)
     dtype = model.precision.compute_dtype
-    size = total + 2
-    cache = layer_cache(cfg, b, size, dtype)
-    mtp_cache = layer_cache(cfg, b, size, dtype, layers=1)
+    cache = layer_cache(cfg, b, total + 2, dtype)
+    mtp_cache = layer_cache(cfg, b, total + 2, dtype, layers=1)
     key = jax.random.key(seed)
-    rows = np.arange(b)
     nxt, draft, draft_logits, cache, mtp_cache = prefill(dec.state, dec.layer_states, dec.mtp_state, prompt, cache,
                                                          mtp_cache, (lengths - 1).astype(np.int32), key)
-    nxt = np.asarray(nxt)
-    pos = lengths.copy()  # position of `nxt`
-    emitted = np.zeros((b,), np.int64)
     stops = np.asarray(list(stop_tokens), np.int32)
-    done = np.zeros((b,), bool)
-    drafted = accepted = 0
-    forwards = 1
-
-    def emit(row, token):
-        if done[row] or emitted[row] >= max_new_tokens:
-            return
-        out[row, lengths[row] + emitted[row]] = token
-        emitted[row] += 1
-        if token in stops:
-            done[row] = True
-
-    for r in rows:
-        emit(r, nxt[r])
-    while not all(done[r] or emitted[r] >= max_new_tokens for r in rows):
-        old_draft = np.asarray(draft)
-        accept, nxt, draft, draft_logits, cache, mtp_cache = verify(
-            dec.state, dec.layer_states, dec.mtp_state, nxt, draft, draft_logits, pos.astype(np.int32), cache,
-            mtp_cache, key, forwards)
-        accept, nxt = np.asarray(accept), np.asarray(nxt)
-        forwards += 1
-        live = ~done & (emitted < max_new_tokens)
-        drafted += int(live.sum())
-        accepted += int((accept & live).sum())
-        for r in rows:
-            if accept[r]:
-                emit(r, old_draft[r])
-            emit(r, nxt[r])
-        pos = pos + np.where(accept, 2, 1)
-    for row in rows:  # rows that stopped early keep the stop token to the end
-        if done[row]:
-            end = lengths[row] + max_new_tokens
-            out[row, lengths[row] + emitted[row]:end] = out[row, lengths[row] + emitted[row] - 1]
-    stats = SpeculativeStats(drafted, accepted, forwards, int(emitted.sum()), b)
+    nxt = np.asarray(nxt)
+    new = np.zeros((b, max_new_tokens), np.int32)
+    new[:, 0] = nxt
+    zero = np.int32(0)
+    loop = _Loop(new, np.ones((b,), np.int32), np.isin(nxt, stops), nxt, draft, draft_logits,
+                 lengths.astype(np.int32), cache, mtp_cache, zero, zero, np.int32(1))
+    finished = max_new_tokens == 1 or bool(loop.done_B.all())
+    while not finished:
+        loop, finished = verify(dec.state, dec.layer_states, dec.mtp_state, loop, stops, key)
+        finished = bool(finished)
+    emitted = np.asarray(loop.emitted_B)
+    out = _place(out, lengths, np.asarray(loop.new_BN), emitted)
+    stats = SpeculativeStats(int(loop.drafted), int(loop.accepted), int(loop.forwards), int(emitted.sum()), b)
     return (out, stats) if return_stats else out

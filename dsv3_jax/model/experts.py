@@ -229,6 +229,46 @@ def _swiglu_experts(x_PD, padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int)
     return grouped_matmul(h, w_down_EFD.astype(dt), padded_E, tile)
 
 
+@jax.named_scope("expert_gemms")
+def routed_experts_split(x_TD: jax.Array, routing: Routing, w_gate_E, w_up_E, w_down_E) -> tuple[jax.Array, jax.Array]:
+    """routed_experts with the expert weights as E separate arrays each (w_gate_E[e]: [D, F], w_down_E[e]: [F, D];
+    the decoder's form, inference/decoder.py), reading only the chosen experts' weights, where a slice of a
+    stacked [E, ...] weight would be copied first (on the CPU that copy costs more than the product).
+
+    Few pairs (at most E/4: batch-1 decoding): each (token, slot) pair runs its expert's SwiGLU in a `lax.switch`.
+    Up to E pairs: each expert chosen by some token runs once, under a `lax.cond`, over all T rows, its output
+    weighted by each token's gate for it (0 where not chosen), so a chosen expert's weights are read once. More
+    pairs (prefill) re-stack the weights and take routed_experts."""
+    t, k = routing.experts_TK.shape
+    e = len(w_gate_E)
+    if t * k > e:
+        return routed_experts(x_TD, routing, jnp.stack(w_gate_E), jnp.stack(w_up_E), jnp.stack(w_down_E))
+    dt = x_TD.dtype
+    valid_TK = (routing.experts_TK >= 0) & (routing.experts_TK < e)  # outside ids contribute nothing
+    experts_TK = jnp.where(valid_TK, routing.experts_TK, e)
+    weights_TK = jnp.where(valid_TK, routing.weights_TK, 0.0)
+    counts_E = jnp.bincount(experts_TK.reshape(-1), length=e + 1)[:e].astype(jnp.int32)
+
+    def swiglu(i, x):
+        g, u, d = w_gate_E[i].astype(dt), w_up_E[i].astype(dt), w_down_E[i].astype(dt)
+        return (jax.nn.silu(x @ g) * (x @ u)) @ d
+
+    if 4 * t * k <= e:
+        def pair(_, xs):
+            x_D, e_id = xs
+            return None, jax.lax.switch(jnp.minimum(e_id, e - 1), [lambda x, i=i: swiglu(i, x) for i in range(e)], x_D)
+
+        _, y_ND = jax.lax.scan(pair, None, (jnp.repeat(x_TD, k, axis=0), experts_TK.reshape(-1)))
+        y_TD = jnp.einsum("tk,tkd->td", weights_TK, y_ND.reshape(t, k, -1).astype(jnp.float32))
+    else:
+        gate_TE = jnp.zeros((t, e + 1), jnp.float32).at[jnp.arange(t)[:, None], experts_TK].add(weights_TK)
+        y_TD = jnp.zeros(x_TD.shape, jnp.float32)
+        for i in range(e):
+            y_TD = jax.lax.cond(counts_E[i] > 0, lambda y, i=i: y + gate_TE[:, i:i + 1] * swiglu(i, x_TD),
+                                lambda y: y, y_TD)
+    return y_TD.astype(dt), counts_E
+
+
 def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int | None = None,
                    fp8: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum_k g_k * SwiGLU_{e_k}(x) per token, dropless (eq. 13's routed term); pairs per expert [E]); expert ids

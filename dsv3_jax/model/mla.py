@@ -82,10 +82,22 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
 
 
+def absorbed_weights(wkv_b_CHX: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(W^UK [H,K,C], W^UV [H,C,V]) cut from wkv_b [C,H,K+V], head-major as the absorbed products take them."""
+    k = cfg.qk_nope_head_dim
+    return wkv_b_CHX[..., :k].transpose(1, 2, 0), wkv_b_CHX[..., k:].transpose(1, 0, 2)
+
+
+def _absorbed(p: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """W^UK, W^UV of p: cut from wkv_b, or as stored by MLA.absorb_weights (the decoder's form)."""
+    w = p["wkv_b"]
+    return w if isinstance(w, tuple) else absorbed_weights(w, cfg)
+
+
 def absorb_query(p: Params, q_nope_BTHK: jax.Array, cfg: ModelConfig) -> jax.Array:
     """q_lat [B,T,H,C] = q_nope . W^UK: the query expressed in the latent space."""
-    w_uk_CHK = p["wkv_b"][..., : cfg.qk_nope_head_dim].astype(q_nope_BTHK.dtype)
-    return jnp.einsum("bthk,chk->bthc", q_nope_BTHK, w_uk_CHK)
+    w_uk_HKC = _absorbed(p, cfg)[0].astype(q_nope_BTHK.dtype)
+    return jnp.einsum("bthk,hkc->bthc", q_nope_BTHK, w_uk_HKC)
 
 
 @jax.named_scope("core")
@@ -100,8 +112,8 @@ def attend_latent(q_lat_BTHC, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_BTS, scale: fl
 def absorbed_output(p: Params, o_lat_BTHC: jax.Array, cfg: ModelConfig) -> jax.Array:
     """o = (o_lat . W^UV) . W^O -> [B,T,D]."""
     dt = o_lat_BTHC.dtype
-    w_uv_CHV = p["wkv_b"][..., cfg.qk_nope_head_dim:].astype(dt)
-    o_BTHV = jnp.einsum("bthc,chv->bthv", o_lat_BTHC, w_uv_CHV)
+    w_uv_HCV = _absorbed(p, cfg)[1].astype(dt)
+    o_BTHV = jnp.einsum("bthc,hcv->bthv", o_lat_BTHC, w_uv_HCV)
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
 
 
@@ -156,6 +168,11 @@ class MLA(nnx.Module):
             return mla_absorbed(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg))
         return mla_naive(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg),
                          self.fp8)
+
+    def absorb_weights(self) -> None:
+        """Hold wkv_b as (W^UK [H,K,C], W^UV [H,C,V]) (absorbed_weights): the decoder's form, so that a decode
+        step does not cut and transpose them from wkv_b every time. Only the absorbed forms run afterwards."""
+        self.wkv_b = nnx.Param(absorbed_weights(self.wkv_b[...], self.cfg), **self.wkv_b.get_metadata())
 
     def cached(self, x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe_cache_BSR):
         """mla_cached with this module's weights."""

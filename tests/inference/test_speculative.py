@@ -13,14 +13,33 @@ from dsv3_jax.inference.speculative import speculative_generate
 from tests import hf_reference as ref
 
 
-def test_greedy_speculative_equals_plain_greedy():
+@pytest.fixture(scope="module")
+def tiny_model():
     cfg = dsv3_jax.get_preset("tiny").replace(initializer_range=0.2)
     m = dsv3_jax.Transformer(cfg, nnx.Rngs(0))
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 6)).astype(np.int32)
-    plain = m.generate(prompt, 10, prompt_lengths=[6, 3, 5])
+    return m, prompt, m.generate(prompt, 10, prompt_lengths=[6, 3, 5])
+
+
+def test_greedy_speculative_equals_plain_greedy(tiny_model):
+    m, prompt, plain = tiny_model
     spec, stats = speculative_generate(m, prompt, 10, prompt_lengths=[6, 3, 5], return_stats=True)
     np.testing.assert_array_equal(spec, plain)
     assert stats.new_tokens == 30 and stats.drafted > 0
+    assert stats.forwards - 1 >= 10 / 2 and stats.drafted <= 3 * (stats.forwards - 1)
+
+
+def test_greedy_speculative_stops_rows_where_plain_greedy_does(tiny_model):
+    m, prompt, plain = tiny_model
+    stop = int(plain[1, 3 + 3])  # row 1's fourth new token: that row ends early, the others may run on
+    expected = m.generate(prompt, 10, prompt_lengths=[6, 3, 5], stop_tokens=[stop])
+    spec, stats = speculative_generate(m, prompt, 10, prompt_lengths=[6, 3, 5], stop_tokens=[stop],
+                                       return_stats=True)
+    np.testing.assert_array_equal(spec, expected)
+    assert np.all(spec[1, 6:13] == stop)
+    counted = sum(min(list(r[n:n + 10]).index(stop) + 1 if stop in r[n:n + 10] else 10, 10)
+                  for r, n in zip(spec, [6, 3, 5]))
+    assert stats.new_tokens == counted < 30
 
 
 def test_greedy_speculative_on_checkpoint_with_mtp_layer(tmp_path):

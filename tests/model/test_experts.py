@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.config import TINY
-from dsv3_jax.model.experts import Routing, routed_experts
+from dsv3_jax.model.experts import Routing, routed_experts, routed_experts_split
 from sharding.expert_parallel import experts_split, moe_expert_parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,6 +35,29 @@ def test_rows_with_ids_outside_the_experts_give_zeros(tile):
             expected[p] = (g / (1 + np.exp(-g)) * u) @ w_down[e]
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E))
+
+
+@pytest.mark.parametrize("tokens", [2, 6, 9])  # E=16, K=2: a switch per pair, each chosen expert once, re-stacked
+def test_decoder_form_with_separate_expert_arrays_matches_numpy(tokens):
+    e, k = 16, 2
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((tokens, D)).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    ids[0, 1] = -1  # a masked slot contributes nothing
+    gates = rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32)
+    w_gate, w_up = (rng.standard_normal((e, D, F)).astype(np.float32) for _ in range(2))
+    w_down = rng.standard_normal((e, F, D)).astype(np.float32)
+    routing = Routing(jnp.asarray(gates), jnp.asarray(ids), None)
+    y, counts = routed_experts_split(jnp.asarray(x), routing, *(tuple(jnp.asarray(w)) for w in (w_gate, w_up,
+                                                                                                 w_down)))
+    expected = np.zeros((tokens, D))
+    for t in range(tokens):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                g, u = x[t] @ w_gate[ids[t, j]], x[t] @ w_up[ids[t, j]]
+                expected[t] += gates[t, j] * (g / (1 + np.exp(-g)) * u) @ w_down[ids[t, j]]
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(counts), np.bincount(ids[ids >= 0], minlength=e))
 
 
 def test_sharding_decides_expert_parallelism():
