@@ -14,8 +14,11 @@ projection gets power-of-two scales (§3.3.3); the attention core softmax(QK^T)V
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -60,6 +63,54 @@ def masked_softmax(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) ->
     return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
 
 
+def attention_core(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSV: jax.Array, mask_BTS: jax.Array,
+                   scale: float) -> jax.Array:
+    """o [B,H,T,V] = softmax(scale * q.k^T where mask) . v, the softmax in float32 and the probabilities cast to
+    v's dtype before the product (masked_softmax's rule; a fully masked row gives zeros).
+
+    Its backward keeps only q, k, v, o and the per-row log-sum-exp, and recomputes the probabilities from them, as
+    fused attention kernels do: the [B,H,T,S] probabilities are never saved for the backward (at DeepSeek-V3's
+    4096 tokens they are the largest activation of a layer), and the backward is the five matmuls of the
+    closed form dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = scale dS K, dK = scale dS^T Q."""
+    return _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale)[0]
+
+
+def _scores(q_BHTK, k_BHSK, mask_BTS, scale):
+    s = (q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2)).astype(jnp.float32) * scale
+    return jnp.where(mask_BTS[:, None], s, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale):
+    s = _scores(q_BHTK, k_BHSK, mask_BTS, scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    lse_BHT1 = m + jnp.log(jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny))
+    probs = jnp.exp(s - lse_BHT1).astype(v_BHSV.dtype)
+    return probs @ v_BHSV, lse_BHT1
+
+
+def _attention_core_fwd(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale):
+    o, lse = _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale)
+    return (o, lse), (q_BHTK, k_BHSK, v_BHSV, mask_BTS, o, lse)
+
+
+def _attention_core_bwd(scale, res, cotangents):
+    q, k, v, mask, o, lse = res
+    do = cotangents[0]
+    p = jnp.exp(_scores(q, k, mask, scale) - lse)  # float32, zeros where masked
+    dv = jnp.swapaxes(p.astype(v.dtype), -1, -2) @ do.astype(v.dtype)
+    dp = (do @ jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta) * scale).astype(q.dtype)
+    dq, dk = ds @ k, jnp.swapaxes(ds, -1, -2) @ q
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), np.zeros(mask.shape, jax.dtypes.float0)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, scale: float,
               fp8: bool = False) -> jax.Array:
     """MLA with per-head keys/values materialised (the training form); `fp8` runs the projections in FP8."""
@@ -75,8 +126,7 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
         q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
         k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])
         k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
-        probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
-        o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        o_BTHV = attention_core(q_BHTK, k_BHSK, v_BSHV.transpose(0, 2, 1, 3), mask_BTS, scale).transpose(0, 2, 1, 3)
     if fp8:  # ue8m0: the paper's E5M6 input with power-of-two scales (E5M6 is not a JAX dtype; E4M3 here)
         return fp8_dense(o_BTHV, p["wo"], n_in=2, scale_fmt="ue8m0")
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))

@@ -84,3 +84,31 @@ def test_naive_matches_numpy_restatement():
             out[i, hh] = (a / a.sum()) @ kvb[: i + 1, hh, kn:]  # eq. 10
     ref = np.einsum("thv,hvd->td", out, p["wo"])  # eq. 11
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_attention_core_gradients_equal_autodiff_of_the_plain_softmax():
+    """The recomputing backward of attention_core against autodiff through a plain softmax(q k^T) v, with a
+    causal mask and one fully masked row (zeros out, zero gradients)."""
+    from dsv3_jax.model.mla import attention_core
+
+    b, h, t, k, v = 2, 3, 7, 5, 4
+    rng = np.random.default_rng(0)
+    q_, k_ = (jnp.asarray(rng.standard_normal((b, h, t, k)), jnp.float32) for _ in range(2))
+    v_ = jnp.asarray(rng.standard_normal((b, h, t, v)), jnp.float32)
+    mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+    mask[1, 3] = False  # row 3 of sequence 1 sees nothing
+    mask = jnp.asarray(mask)
+    w = jnp.asarray(rng.standard_normal((b, h, t, v)), jnp.float32)
+
+    def plain(q, k, v):
+        s = jnp.where(mask[:, None], 0.3 * q @ jnp.swapaxes(k, -1, -2), -1e30)
+        p = jax.nn.softmax(s, axis=-1) * jnp.any(mask, -1)[:, None, :, None]
+        return p @ v
+
+    out = attention_core(q_, k_, v_, mask, 0.3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain(q_, k_, v_)), rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(out)[1, :, 3] == 0)
+    grads = jax.grad(lambda *a: jnp.sum(attention_core(*a, mask, 0.3) * w), argnums=(0, 1, 2))(q_, k_, v_)
+    expected = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2))(q_, k_, v_)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
