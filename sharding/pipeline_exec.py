@@ -1,10 +1,14 @@
 """Pipeline executor: runs a schedule of sharding/pipeline.py over the 'pp' axis of a mesh (paper §3.2.1).
 
-Stage parameters are stacked on a leading stage axis; each rank gets the stages its schedule places on it
-(DualPipe: r and PP-1-r, so every stage is held twice and its two gradients are summed; DualPipeV: r and 2n-1-r)
-as a [ranks, phases, ...] array sharded over 'pp'. The edge parameters (embedding, head, ...) are replicated;
+Stage parameters live in a stored layout [ranks, homes, ...] sharded over 'pp': each stage once, on the rank that
+runs it in the schedule's first chain (`stage_homes`), so a rank holds only its own stages. Inside the step each
+rank builds the [phases, ...] copies its schedule runs: DualPipe runs stage s on ranks s and PP-1-s, so rank
+PP-1-s receives it by a `ppermute` from rank s, and the two copies' gradients (and aux) are summed back into the
+stored one by the reverse `ppermute`; DualPipeV (stages r and 2n-1-r) and the one-direction schedules store every
+stage they run. The edge parameters (embedding, head, ...) are replicated;
 the ranks that hold the first or last stage use them and their gradients are summed over 'pp'. So with DualPipe
-rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them.
+rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them. (Stage parameters given
+with a leading stage axis instead are gathered into the stored layout first, and their gradients scattered back.)
 
 Execution is SPMD inside `jax.shard_map`, manual over the pipeline axis only (the mesh's other axes stay
 automatic, so a stage's computation keeps its data and expert parallelism, the MoE's shard_map nested inside):
@@ -274,6 +278,10 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
     def per_rank(table, stored, edge, inputs):
         table, stored = table[0], jax.tree.map(lambda a: a[0], stored)
         r_me = jax.lax.axis_index(axis)
+        # The barriers order the copies' ppermutes after every input and before every output on all devices alike:
+        # the CPU runtime may otherwise run independent collectives in a different order on different devices
+        # and deadlock (seen with DualPipe: one device in the pp ppermute, its ep partner in an all-gather).
+        stored, edge, inputs = jax.lax.optimization_barrier((stored, edge, inputs))
         local = _gather_copies(stored, plan, r_me, axis)  # [phases, ...]
         zeros_h = jnp.zeros(x0.shape, x0.dtype)
         zero_e = jax.tree.map(jnp.zeros_like, edge)
@@ -368,8 +376,8 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
 
         c, _ = jax.lax.scan(tick, carry, table)
         gp, sa = _scatter_copies((c["gp"], c["sa"]), homes_n, plan, r_me, axis)
-        return (jax.lax.psum(c["loss"], axis), jax.tree.map(lambda a: a[None], (gp, sa)),
-                jax.lax.psum((c["ge"], c["ha"]), axis))
+        gp, sa, loss, ge, ha = jax.lax.optimization_barrier((gp, sa, c["loss"], c["ge"], c["ha"]))
+        return (jax.lax.psum(loss, axis), jax.tree.map(lambda a: a[None], (gp, sa)), jax.lax.psum((ge, ha), axis))
 
     specs_stored = jax.tree.map(lambda _: P(axis), stored)
     specs_edge = jax.tree.map(lambda _: P(), edge_params)

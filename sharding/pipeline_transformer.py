@@ -161,6 +161,19 @@ def pipeline_state(params, bias, optimizer, layout: StageLayout, homes):
     return init_state(tree_to_pipeline(params, layout, homes), tree_to_pipeline(bias, layout, homes), optimizer)
 
 
+def pipeline_state_shardings(params, bias, optimizer, layout: StageLayout, homes, mesh, zero: str = "zero1"):
+    """(abstract pipeline-layout train state, its NamedShardings): pipeline_state of `params`, `bias` (arrays or
+    ShapeDtypeStructs; nothing is allocated) as jax.ShapeDtypeStructs carrying their shardings (the stored stage
+    axis on 'pp', experts on 'ep', ZeRO-1 moments over the data axes), ready for `jit(...).lower(...)` of the train
+    step (train.step.make_train_step(..., schedule, layout=layout)."lower")."""
+    from sharding.rules import train_state_shardings
+
+    abstract = jax.eval_shape(lambda p, b: pipeline_state(p, b, optimizer, layout, homes), params, bias)
+    shardings = train_state_shardings(abstract, mesh, zero)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        shardings), shardings
+
+
 def pipeline_layout_terms(graphdef, params, bias, windows_MBS, schedule: Schedule, mesh, layout: StageLayout, *,
                           mtp_weight=0.3, balance_alpha: float = 1e-4, remat: str = "none", axis: str = "pp",
                           pad_to: tuple[int, int, int] | None = None):
