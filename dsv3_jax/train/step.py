@@ -217,6 +217,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if schedule is not None:  # the accumulated stage gradients stay with their pp rank (no gather of the stack)
+            zero_grads = jax.lax.with_sharding_constraint(zero_grads, state_shardings["params"])
         first = jax.tree.map(lambda a: a[0], batch_KMS)
         _, aux_shape = jax.eval_shape(grad_fn, params, bias, first, mtp_weight, *extra)[0]
         zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
