@@ -161,14 +161,16 @@ def runs(tmp_path_factory):
         out[name] = d / name
 
     run("single")  # one device (DSV3_DEVICES=1 in the test process)
-    run("single5", set=["num_hidden_layers=5"])
+    evaluation = dict(eval_every=STEPS, eval_batches=1, eval_fraction=0.0, eval_data=[f"corpus={corpus}"])
+    run("single5", set=["num_hidden_layers=5"], **evaluation)
     for sched in ("1f1b", "dualpipev"):
         run(sched, mesh="pp=2,dp=2,ep=2", pipeline=sched)
     # DualPipe stopped after step 1 and resumed from its checkpoint (the pipeline layout saved and restored)
     run("dualpipe", mesh="pp=2,dp=2,ep=2", pipeline="dualpipe", stop_at=1)
     run("dualpipe", mesh="pp=2,dp=2,ep=2", pipeline="dualpipe", resume=True)
     # 5 layers on pp=4 x ep=2 with a user layout: stages of 1, 1, 2 and 0 MoE layers (padding in 3 of 4)
-    run("pp4", mesh="pp=4,ep=2", pipeline="1f1b", set=["num_hidden_layers=5"], stage_layers="2,1,2,0")
+    run("pp4", mesh="pp=4,ep=2", pipeline="1f1b", set=["num_hidden_layers=5"], stage_layers="2,1,2,0",
+        **evaluation)
     return out
 
 
@@ -182,6 +184,14 @@ def test_pipelined_train_gives_the_single_device_losses(runs, name, ref):
             assert abs(a[key] - b[key]) <= 1e-4 * abs(b[key]), (key, a, b)
         assert a["balance_loss"] == pytest.approx(b["balance_loss"], rel=1e-4, abs=1e-9)
         assert a["max_vio"] == pytest.approx(b["max_vio"], abs=1e-5)  # padding slots are not layers
+
+
+def test_held_out_evaluation_reads_the_pipeline_state_as_the_model(runs):
+    piped, single = (json.loads((runs[n] / "eval.jsonl").read_text().splitlines()[-1]) for n in ("pp4", "single5"))
+    assert piped["step"] == single["step"] == STEPS
+    a, b = piped["sets"]["corpus"], single["sets"]["corpus"]
+    assert a["ce"] == pytest.approx(b["ce"], rel=1e-4) and len(a["load"]) == TINY5.num_moe_layers
+    np.testing.assert_allclose(a["load"], b["load"], atol=1e-6)  # per-layer expert loads, model order, no padding
 
 
 def test_pipeline_checkpoint_holds_the_layout_and_loads_as_the_model(runs):
