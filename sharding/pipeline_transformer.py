@@ -75,7 +75,7 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         return cos, sin, segment_mask(seg)
 
     def body(layer, h, cos, sin, mask):
-        return layer(h, cos, sin, mask)
+        return layer(h, cos, sin, mask)[:2]
 
     def edge_model(edge):
         return nnx.merge(graphdef, edge["params"], jax.lax.stop_gradient(edge["bias"]))
@@ -121,7 +121,7 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
         aux = {"counts": jnp.zeros((0,), jnp.int32), "ce": ce, "mtp": zero, "bal": zero}  # the loss's parts
         if tm.mtp is not None:
             cos, sin, mask = rope(batch)
-            mtp_logits, mtp_counts, mtp_balance, _ = tm._mtp_forward(hidden, tokens, cos, sin, mask, remat,
+            mtp_logits, mtp_counts, mtp_balance, _ = tm.mtp_forward(hidden, tokens, cos, sin, mask, remat,
                                                                      None if seg is None else seg[:, :-1])
             aux["mtp"] = mtp_loss(mtp_logits, window, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg)
             aux["bal"] = balance_alpha * mtp_balance

@@ -17,6 +17,7 @@ import dataclasses
 import math
 
 from dsv3_jax.config import ModelConfig
+from sharding.expert_parallel import ep_capacity, ep_worst_case_capacity
 from sharding.mesh import MESH_AXES
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
@@ -325,6 +326,16 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
             return min(pp - r, n_micro)  # rank r of 1F1B warms up with pp - r forwards
         return {"none": 1, "gpipe": n_micro, "dualpipe": pp + 1, "dualpipev": 2 * pp + 1}[schedule]
 
+    # Expert-parallel dispatch buffers of one MoE layer (sharding/expert_parallel.py), live while the layer runs:
+    # the send buffer and the receive buffer of a round, ep x C rows each of D values in BF16 (the token rows
+    # travel in the compute dtype; the FP8 path quantizes them on the expert's rank). "worst case": the static
+    # buffer before the bounded rounds, C = T x min(K, E / ep).
+    ep_rows = ep_rows_worst = 0
+    if ep > 1:
+        ep_rows = ep * ep_capacity(cfg, mb_tokens, ep)
+        ep_rows_worst = ep * ep_worst_case_capacity(cfg, mb_tokens, ep)
+    ep_row_bytes = 2.0 * cfg.hidden_size
+
     def memory(r: int) -> dict:
         ids_r = [i for i, _ in rank_stages[r]]
         dense_p = sum(u.params - u.expert_params for i in ids_r for u in stages[i]) / tp
@@ -335,8 +346,9 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
                    params=2.0 * (dense_p + expert_p),  # BF16 working weights
                    grads=4.0 * (dense_p + expert_p),  # FP32 gradient accumulators (ZeRO-1 keeps them whole)
                    optimizer=(4.0 + 2 * 2.0) * sharded,  # FP32 master weights, BF16 AdamW m and v
-                   activations=in_flight(r) * chunk_act, in_flight=in_flight(r))
-        mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"]
+                   activations=in_flight(r) * chunk_act, in_flight=in_flight(r),
+                   dispatch=2 * ep_rows * ep_row_bytes if any(u.a2a_layers for i in ids_r for u in stages[i]) else 0.0)
+        mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"] + mem["dispatch"]
         return mem
 
     # --- communication constants ---
@@ -412,6 +424,9 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         "grad_bytes": mem["grads"], "optimizer_bytes": mem["optimizer"], "activation_bytes": mem["activations"],
         "activation_bytes_per_chunk": mem["chunk_act"], "chunks_in_flight": mem["in_flight"],
         "activation_bytes_per_block": max(u.act_bytes for u in units) * mb_tokens / tp,  # one micro-batch
+        "ep_dispatch_rows": ep_rows, "ep_dispatch_bytes": ep_rows * ep_row_bytes,  # one send buffer, one layer
+        "ep_dispatch_rows_worst_case": ep_rows_worst, "ep_dispatch_bytes_worst_case": ep_rows_worst * ep_row_bytes,
+        "ep_buffer_bytes": mem["dispatch"],  # send + receive buffers on the worst rank (in total_bytes)
         "total_bytes": mem["total"], "hbm_bytes": hw.hbm_gb * 1e9, "fits": mem["total"] <= hw.hbm_gb * 1e9,
         "zero_group_dense": zero_dense, "zero_group_expert": zero_expert,
         # time (seconds per step) on the slowest rank
@@ -470,6 +485,10 @@ def format_plan(p: dict, model: str = "") -> str:
         row(f"activations ({p['chunks_in_flight']} chunks x {p['activation_bytes_per_chunk'] / gib:.2f} GiB; "
             f"{p['activation_bytes_per_block'] / gib:.2f} GiB for the largest block)",
             p["activation_bytes"] / gib),
+        row(f"EP send + receive buffers, one MoE layer (2 x {p['ep_dispatch_rows']:,} rows)",
+            p["ep_buffer_bytes"] / gib),
+        f"    (one buffer {p['ep_dispatch_rows']:,} rows = {p['ep_dispatch_bytes'] / 1e9:.2f} GB; the unbounded worst "
+        f"case {p['ep_dispatch_rows_worst_case']:,} rows = {p['ep_dispatch_bytes_worst_case'] / 1e9:.2f} GB)",
         row(f"total (of {p['hbm_bytes'] / gib:.1f} GiB HBM: {'fits' if p['fits'] else 'DOES NOT FIT'})",
             p["total_bytes"] / gib),
         "",

@@ -24,7 +24,7 @@ class Decoder(NamedTuple):
     """Pure state of a model for decoding: graph definitions (static) and arrays."""
 
     graphdef: nnx.GraphDef  # the whole model (its layer stacks are passed along but not read by the steps)
-    layer_defs: tuple  # one graph definition per layer, dense layers first
+    layer_defs: tuple  # one graph definition per layer, dense layers first (MoE experts as separate arrays)
     state: nnx.State
     layer_states: tuple  # one state per layer: the stacks sliced once
     mtp_def: nnx.GraphDef | None = None  # the first MTP module (speculative drafting), if the model has one
@@ -51,17 +51,19 @@ class Decoder(NamedTuple):
             if stack is None:
                 continue
             gd, st = nnx.split(stack)
-            n = jax.tree.leaves(st)[0].shape[0]
-            defs += [gd] * n
-            states += _unstack(st, n)
+            for layer_state in _unstack(st, jax.tree.leaves(st)[0].shape[0]):
+                d, s = _decode_form(nnx.merge(gd, layer_state))
+                defs.append(d)
+                states.append(s)
         mtp_def = mtp_state = None
         if model.mtp is not None:
             mtp_def, mtp_stack = nnx.split(model.mtp)
-            mtp_state = _unstack(mtp_stack, 1)[0]
+            mtp_def, mtp_state = _decode_form(nnx.merge(mtp_def, _unstack(mtp_stack, 1)[0]))
         return cls(graphdef, tuple(defs), state, tuple(states), mtp_def, mtp_state)
 
     def forward(self, state, layer_states, tokens_BT, positions_BT, cache):
-        """forward_cached with the layers one by one (call under jit)."""
+        """(logits [B,T,V], hidden [B,T,D], cache): Transformer.forward against the cache with the layers one by
+        one (call under jit)."""
         layers = [nnx.merge(d, s) for d, s in zip(self.layer_defs, layer_states)]
         return nnx.merge(self.graphdef, state).forward_cached(tokens_BT, positions_BT, cache, layers)
 
@@ -70,9 +72,8 @@ class Decoder(NamedTuple):
         (logits [B,T,V], cache). Call under jit."""
         model, mod = nnx.merge(self.graphdef, state), nnx.merge(self.mtp_def, mtp_state)
         cos, sin = rope_cos_sin(positions_BT, model.config)
-        emb = model.embed_tokens(next_tokens_BT)
-        x = jnp.concatenate([mod.enorm(emb), mod.hnorm(hidden_BTD)], axis=-1) @ mod.eh_proj[...].astype(emb.dtype)
-        h, a, b = mod.block.cached(x, cos, sin, positions_BT, cache[0][0], cache[1][0])
+        h, _, (a, b) = mod(hidden_BTD, model.embed_tokens(next_tokens_BT), cos, sin, cache=(cache[0][0], cache[1][0]),
+                           positions_BT=positions_BT)
         return model.output_head(mod.head_norm(h)), type(cache)((a,), (b,))
 
     def static(self) -> tuple:
@@ -81,6 +82,18 @@ class Decoder(NamedTuple):
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decode_form(module):
+    """nnx.split of a block (or MTP module) in the decoder's form: its MoE, if any, holds the experts as separate
+    arrays (MoE.split_experts: a decode step reads the chosen experts' weights without copying them) and its MLA
+    the absorbed weights head-major (MLA.absorb_weights: not cut from wkv_b at every step)."""
+    block = getattr(module, "block", module)
+    if hasattr(block.ffn, "split_experts"):
+        block.ffn.split_experts()
+    if hasattr(block.attn, "absorb_weights"):
+        block.attn.absorb_weights()
+    return nnx.split(module)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -86,35 +86,66 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     if max_new_tokens == 0:
         return out
     dec = Decoder.of(model)
-    step = compile_step(_last_logits_step, dec.static(), ("cache",))
-    sample = _sampler(temperature, top_k, top_p)
+    prefill = compile_step(_last_logits_step, dec.static(), ("cache",))
+    chunk = CALLBACK_CHUNK if callback is not None else DECODE_CHUNK
+    decode = compile_step(_decode_chunk, dec.static(), ("cache",), chunk, temperature, top_k, top_p)
     cache = layer_cache(cfg, b, total, cache_dtype or model.precision.compute_dtype)
     key = jax.random.key(seed)
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    logits, cache = step(dec.state, dec.layer_states, prompt, positions, cache, (lengths - 1).astype(np.int32))
-    nxt = sample(logits, key, 0)
-    pos = lengths.copy()
-    done = np.zeros((b,), bool)
+    logits, cache = prefill(dec.state, dec.layer_states, prompt, positions, cache, (lengths - 1).astype(np.int32))
+    nxt = np.asarray(_sampler(temperature, top_k, top_p)(logits, key, 0))
     stops = np.asarray(list(stop_tokens), np.int32)
-    zero = np.zeros((b,), np.int32)
-    for i in range(max_new_tokens):
-        nxt = np.asarray(nxt)
-        nxt = np.where(done, out[np.arange(b), pos - 1], nxt)  # finished rows repeat their stop token
-        out[np.arange(b), pos] = nxt
+    new = np.zeros((b, max_new_tokens), np.int32)  # column i: each row's i-th new token
+    new[:, 0] = nxt
+    done = np.isin(nxt, stops)
+    if callback is not None:
+        callback(0, nxt.copy())
+    made = 1
+    while made < max_new_tokens and not done.all():
+        # the device runs up to `chunk` decode steps (fewer when every row has stopped) without returning
+        tokens, steps, cache, done_dev = decode(dec.state, dec.layer_states, new[:, made - 1], (lengths + made - 1)
+                                                .astype(np.int32), cache, done, stops, key, np.int32(made),
+                                                np.int32(max_new_tokens - made))
+        steps, tokens, done = int(steps), np.asarray(tokens), np.asarray(done_dev)
+        new[:, made:made + steps] = tokens[:, :steps]
         if callback is not None:
-            callback(i, nxt.copy())
-        done |= np.isin(nxt, stops)
-        if done.all() or i == max_new_tokens - 1:
-            break
-        logits, cache = step(dec.state, dec.layer_states, nxt[:, None], pos[:, None].astype(np.int32), cache, zero)
-        nxt = sample(logits, key, i + 1)
-        pos += 1
-    for row in range(b):  # rows that stopped early keep the stop token to the end
-        end = lengths[row] + max_new_tokens
-        if done[row]:
-            stop_at = lengths[row] + np.argmax(np.isin(out[row, lengths[row]:end], stops))
-            out[row, stop_at:end] = out[row, stop_at]
+            for i in range(steps):
+                callback(made + i, tokens[:, i].copy())
+        made += steps
+    new[:, made:] = new[:, made - 1:made]  # every row stopped: each keeps its stop token to the end
+    for row in range(b):
+        out[row, lengths[row]:lengths[row] + max_new_tokens] = new[row]
     return out
+
+
+DECODE_CHUNK = 64  # decode steps per device call of generate() (one host round trip per chunk)
+CALLBACK_CHUNK = 4  # the same when streaming to a callback
+
+
+def _decode_chunk(dec: Decoder, chunk: int, temperature, top_k, top_p, state, layer_states, last_B, pos_B, cache,
+                  done_B, stops, key, first, limit):
+    """Up to min(chunk, limit) greedy or sampled decode steps in one device loop, stopping early when every row
+    is done: (tokens [B, chunk] (the first `steps` columns valid), steps, cache, done [B]). Step i feeds each row's
+    previous token at its position and samples with fold_in(key, first + i), as a host loop of single steps would;
+    a finished row repeats its stop token."""
+    b = last_B.shape[0]
+
+    def cond(c):
+        i, _, _, _, done, _ = c
+        return (i < jnp.minimum(chunk, limit)) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, pos, cache, done, toks = c
+        logits, cache = _last_logits_step(dec, state, layer_states, tok[:, None], pos[:, None], cache,
+                                          jnp.zeros((b,), jnp.int32))
+        nxt = sample_logits(logits, jax.random.fold_in(key, first + i), temperature, top_k, top_p)
+        nxt = jnp.where(done, tok, nxt)
+        done = done | jnp.isin(nxt, stops)
+        return i + 1, nxt, pos + 1, cache, done, toks.at[:, i].set(nxt)
+
+    init = (jnp.int32(0), last_B, pos_B, cache, done_B, jnp.zeros((b, chunk), jnp.int32))
+    steps, _, _, cache, done, toks = jax.lax.while_loop(cond, body, init)
+    return toks, steps, cache, done
 
 
 MIN_BUCKET = 16  # shortest padded prompt length of generate_batched (and of eval's scoring batches)

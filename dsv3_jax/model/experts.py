@@ -229,6 +229,38 @@ def _swiglu_experts(x_PD, padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int)
     return grouped_matmul(h, w_down_EFD.astype(dt), padded_E, tile)
 
 
+@jax.named_scope("expert_gemms")
+def routed_experts_split(x_TD: jax.Array, routing: Routing, w_gate_E, w_up_E, w_down_E) -> tuple[jax.Array, jax.Array]:
+    """routed_experts with the expert weights as E separate arrays each (w_gate_E[e]: [D, F], w_down_E[e]: [F, D];
+    the decoder's form, inference/decoder.py): each (token, slot) pair runs its expert's SwiGLU in a `lax.switch`,
+    so only the chosen experts' weights are read, where a slice of a stacked [E, ...] weight would be copied
+    first (on the CPU that copy costs more than the product). For few pairs: every pair reads its expert's
+    weights; many tokens (prefill) re-stack them and take routed_experts."""
+    t, k = routing.experts_TK.shape
+    e = len(w_gate_E)
+    if t * k > e:
+        return routed_experts(x_TD, routing, jnp.stack(w_gate_E), jnp.stack(w_up_E), jnp.stack(w_down_E))
+    dt = x_TD.dtype
+
+    def expert(i):
+        def swiglu(x_D):
+            g, u, d = w_gate_E[i].astype(dt), w_up_E[i].astype(dt), w_down_E[i].astype(dt)
+            return (jax.nn.silu(x_D @ g) * (x_D @ u)) @ d
+        return swiglu
+
+    def pair(_, xs):
+        x_D, e_id = xs
+        return None, jax.lax.switch(jnp.clip(e_id, 0, e - 1), [expert(i) for i in range(e)], x_D)
+
+    e_N = routing.experts_TK.reshape(t * k)
+    _, y_ND = jax.lax.scan(pair, None, (jnp.repeat(x_TD, k, axis=0), e_N))
+    valid_TK = (routing.experts_TK >= 0) & (routing.experts_TK < e)  # outside ids contribute nothing
+    w_TK = jnp.where(valid_TK, routing.weights_TK, 0.0)
+    y_TD = jnp.einsum("tk,tkd->td", w_TK, y_ND.reshape(t, k, -1).astype(jnp.float32)).astype(dt)
+    counts_E = jnp.bincount(jnp.where(valid_TK, routing.experts_TK, e).reshape(-1), length=e + 1)[:e]
+    return y_TD, counts_E.astype(jnp.int32)
+
+
 def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int | None = None,
                    fp8: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum_k g_k * SwiGLU_{e_k}(x) per token, dropless (eq. 13's routed term); pairs per expert [E]); expert ids
@@ -245,6 +277,9 @@ def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_do
         y_PD = fp8_expert_swiglu(x_TD, src_P, tile_expert_N, w_gate_EDF, w_up_EDF, w_down_EFD)
     else:
         tile = default_tile(t * k, e) if tile is None else tile
-        x_PD, layout = dispatch(x_TD, routing.experts_TK, e, max(tile, 1))
-        y_PD = _swiglu_experts(x_PD, layout.padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile)
-    return combine(y_PD, layout, routing.weights_TK), layout.counts_E
+        with jax.named_scope("dispatch"):
+            x_PD, layout = dispatch(x_TD, routing.experts_TK, e, max(tile, 1))
+        with jax.named_scope("expert_gemms"):
+            y_PD = _swiglu_experts(x_PD, layout.padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile)
+    with jax.named_scope("combine"):
+        return combine(y_PD, layout, routing.weights_TK), layout.counts_E

@@ -71,22 +71,36 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
     k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
     # k = [k_nope; k_pe shared by all heads] (eq. 4); head-major batched matmuls are 2-3x faster on the CPU
     # than the token-major einsums.
-    q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
-    k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])
-    k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
-    probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
-    o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    with jax.named_scope("core"):
+        q_BHTK = jnp.concatenate([q_nope, q_pe], axis=-1).transpose(0, 2, 1, 3)
+        k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])
+        k_BHSK = jnp.concatenate([k_nope, k_pe_BSHR], axis=-1).transpose(0, 2, 1, 3)
+        probs = masked_softmax(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale).astype(dt)
+        o_BTHV = (probs @ v_BSHV.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     if fp8:  # ue8m0: the paper's E5M6 input with power-of-two scales (E5M6 is not a JAX dtype; E4M3 here)
         return fp8_dense(o_BTHV, p["wo"], n_in=2, scale_fmt="ue8m0")
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
 
 
+def absorbed_weights(wkv_b_CHX: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(W^UK [H,K,C], W^UV [H,C,V]) cut from wkv_b [C,H,K+V], head-major as the absorbed products take them."""
+    k = cfg.qk_nope_head_dim
+    return wkv_b_CHX[..., :k].transpose(1, 2, 0), wkv_b_CHX[..., k:].transpose(1, 0, 2)
+
+
+def _absorbed(p: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """W^UK, W^UV of p: cut from wkv_b, or as stored by MLA.absorb_weights (the decoder's form)."""
+    w = p["wkv_b"]
+    return w if isinstance(w, tuple) else absorbed_weights(w, cfg)
+
+
 def absorb_query(p: Params, q_nope_BTHK: jax.Array, cfg: ModelConfig) -> jax.Array:
     """q_lat [B,T,H,C] = q_nope . W^UK: the query expressed in the latent space."""
-    w_uk_CHK = p["wkv_b"][..., : cfg.qk_nope_head_dim].astype(q_nope_BTHK.dtype)
-    return jnp.einsum("bthk,chk->bthc", q_nope_BTHK, w_uk_CHK)
+    w_uk_HKC = _absorbed(p, cfg)[0].astype(q_nope_BTHK.dtype)
+    return jnp.einsum("bthk,hkc->bthc", q_nope_BTHK, w_uk_HKC)
 
 
+@jax.named_scope("core")
 def attend_latent(q_lat_BTHC, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_BTS, scale: float) -> jax.Array:
     """Attention over the latent cache: softmax(q_lat.c_kv + q_pe.k_pe) . c_kv -> o_lat [B,T,H,C]."""
     scores = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC)
@@ -98,8 +112,8 @@ def attend_latent(q_lat_BTHC, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_BTS, scale: fl
 def absorbed_output(p: Params, o_lat_BTHC: jax.Array, cfg: ModelConfig) -> jax.Array:
     """o = (o_lat . W^UV) . W^O -> [B,T,D]."""
     dt = o_lat_BTHC.dtype
-    w_uv_CHV = p["wkv_b"][..., cfg.qk_nope_head_dim:].astype(dt)
-    o_BTHV = jnp.einsum("bthc,chv->bthv", o_lat_BTHC, w_uv_CHV)
+    w_uv_HCV = _absorbed(p, cfg)[1].astype(dt)
+    o_BTHV = jnp.einsum("bthc,hcv->bthv", o_lat_BTHC, w_uv_HCV)
     return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
 
 
@@ -154,6 +168,11 @@ class MLA(nnx.Module):
             return mla_absorbed(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg))
         return mla_naive(values(self), x_BTD, cos_BTR, sin_BTR, mask_BTS, self.cfg, softmax_scale(self.cfg),
                          self.fp8)
+
+    def absorb_weights(self) -> None:
+        """Hold wkv_b as (W^UK [H,K,C], W^UV [H,C,V]) (absorbed_weights): the decoder's form, so that a decode
+        step does not cut and transpose them from wkv_b every time. Only the absorbed forms run afterwards."""
+        self.wkv_b = nnx.Param(absorbed_weights(self.wkv_b[...], self.cfg), **self.wkv_b.get_metadata())
 
     def cached(self, x_BTD, cos_BTR, sin_BTR, positions_BT, c_cache_BSC, pe_cache_BSR):
         """mla_cached with this module's weights."""

@@ -14,7 +14,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.losses import batch_balance_terms, sequence_balance_terms
-from dsv3_jax.model.experts import route, routed_experts
+from dsv3_jax.model.experts import route, routed_experts, routed_experts_split
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.params import ExpertBias, param
 
@@ -41,26 +41,40 @@ class MoE(nnx.Module):
         self.shared = (MLP(d, cfg.n_shared_experts * f, dtype, rngs, std, axis="shared_mlp", fp8=fp8)
                        if cfg.n_shared_experts else None)
 
+    def split_experts(self) -> None:
+        """Hold the routed experts' weights as E separate arrays each (decoding; experts.routed_experts_split)."""
+        for name in ("w_gate", "w_up", "w_down"):
+            var = getattr(self, name)
+            setattr(self, name, nnx.Param(tuple(jnp.unstack(var[...])), **var.get_metadata()))
+
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEAux]:
         # Imported here: the sharding package imports dsv3_jax (whose __init__ imports the model).
         from sharding.expert_parallel import experts_split, moe_expert_parallel
 
         b, t, d = x_BTD.shape
         bias = None if self.expert_bias is None else self.expert_bias[...]
-        if experts_split():
+        split_form = isinstance(self.w_gate.get_value(), tuple)  # per-expert arrays: the decoder's form
+        if experts_split() and not split_form:
             y, counts, balance, balance_batch = moe_expert_parallel(
                 x_BTD, self.router[...], bias, self.w_gate[...], self.w_up[...], self.w_down[...], self.cfg,
                 fp8=self.fp8)
         else:
             x_TD = x_BTD.reshape(b * t, d)
-            routing = route(x_TD, self.router[...], bias, self.cfg)
-            y, counts = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
-                                       fp8=self.fp8)
+            with jax.named_scope("router"):
+                routing = route(x_TD, self.router[...], bias, self.cfg)
+            if split_form:
+                y, counts = routed_experts_split(x_TD, routing, self.w_gate.get_value(), self.w_up.get_value(),
+                                                 self.w_down.get_value())
+            else:
+                y, counts = routed_experts(x_TD, routing, self.w_gate[...], self.w_up[...], self.w_down[...],
+                                           fp8=self.fp8)
             y = y.reshape(b, t, d)
             k = self.cfg.num_experts_per_tok
-            balance = jnp.mean(sequence_balance_terms(routing.scores_TE.reshape(b, t, -1),
-                                                      routing.experts_TK.reshape(b, t, k)))
-            balance_batch = batch_balance_terms(routing.scores_TE, routing.experts_TK)
+            with jax.named_scope("router"):
+                balance = jnp.mean(sequence_balance_terms(routing.scores_TE.reshape(b, t, -1),
+                                                          routing.experts_TK.reshape(b, t, k)))
+                balance_batch = batch_balance_terms(routing.scores_TE, routing.experts_TK)
         if self.shared is not None:
-            y = y + self.shared(x_BTD)
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared(x_BTD)
         return y, MoEAux(counts, balance, balance_batch)

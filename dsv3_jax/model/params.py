@@ -79,7 +79,7 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], 
 
 def values(module: nnx.Module) -> dict[str, jax.Array]:
     """The module's own (non-nested) variables as a plain dict of arrays, for the pure block functions."""
-    return {name: v[...] for name, v in vars(module).items() if isinstance(v, nnx.Variable)}
+    return {name: v.get_value() for name, v in vars(module).items() if isinstance(v, nnx.Variable)}
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module | None:

@@ -19,8 +19,8 @@ from dsv3_jax.model.attention import GQA
 from dsv3_jax.model.compiled import compiled_method
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.mla import MLA
-from dsv3_jax.model.moe import MoE, MoEAux
-from dsv3_jax.model.norm import RMSNorm, rms_norm
+from dsv3_jax.model.moe import MoE
+from dsv3_jax.model.norm import RMSNorm
 from dsv3_jax.model.params import deferred_init, param, randomize, scan_layers, stacked
 from dsv3_jax.model.rope import rope_cos_sin
 from dsv3_jax.precision import FP32, Precision
@@ -36,6 +36,7 @@ class ModelOutput(NamedTuple):
     hidden: jax.Array  # [B, T, D] main-model output after the final norm
     balance_batch: jax.Array | float = 0.0  # sum over main MoE layers of the batch-wise sum_i f_i P_i (§4.5.3)
     mtp_balance_batch: jax.Array | float = 0.0  # the same over the MTP blocks
+    cache: object = None  # the updated LatentCache / KVCache when forward was given one
 
 
 class Block(nnx.Module):
@@ -50,21 +51,26 @@ class Block(nnx.Module):
         self.ffn = (MoE(cfg, dtype, rngs, fp8=fp8) if moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, cfg.initializer_range, fp8=fp8))
 
-    def __call__(self, h_BTD, cos, sin, mask_BTS, absorbed: bool = False) -> tuple[jax.Array, MoEAux | None]:
-        h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos, sin, mask_BTS, absorbed)
-        if self.is_moe:
-            y, aux = self.ffn(self.ffn_norm(h_BTD))
-        else:
-            y, aux = self.ffn(self.ffn_norm(h_BTD)), None
-        return h_BTD + y, aux
+    def __call__(self, h_BTD, cos, sin, mask_BTS=None, absorbed: bool = False, cache=None, positions_BT=None):
+        """(h, MoE aux or None, cache) of the block over h [B,T,D].
 
-    def cached(self, h_BTD, cos, sin, positions_BT, cache_a, cache_b):
-        """The block over new tokens with this layer's cache, (c_kv, k_pe) for MLA (absorbed attention) or (k, v)
-        for MHA/GQA; returns (h, cache_a, cache_b)."""
-        a, cache_a, cache_b = self.attn.cached(self.attn_norm(h_BTD), cos, sin, positions_BT, cache_a, cache_b)
+        Without a cache: attention over these tokens under mask_BTS (`absorbed`: MLA's weight-absorbed form, same
+        result). With cache = this layer's (c_kv, k_pe) for MLA (absorbed) or (k, v) for MHA/GQA and the tokens'
+        positions_BT: their entries are written at those positions and each query attends to the cache slots at
+        or before its own position (prefill, decode and verification alike; mask_BTS unused); the updated cache
+        is returned (None without one)."""
+        with jax.named_scope("attention"):
+            x = self.attn_norm(h_BTD)
+            if cache is None:
+                a = self.attn(x, cos, sin, mask_BTS, absorbed)
+            else:
+                a, *cache = self.attn.cached(x, cos, sin, positions_BT, *cache)
+                cache = tuple(cache)
         h_BTD = h_BTD + a
-        y = self.ffn(self.ffn_norm(h_BTD))
-        return h_BTD + (y[0] if self.is_moe else y), cache_a, cache_b
+        with jax.named_scope("moe" if self.is_moe else "mlp"):
+            x = self.ffn_norm(h_BTD)
+            y, aux = self.ffn(x) if self.is_moe else (self.ffn(x), None)
+        return h_BTD + y, aux, cache
 
 
 class MTPModule(nnx.Module):
@@ -83,10 +89,11 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, cfg.mtp_layer_is_moe, dtype, rngs, fp8)
         self.head_norm = RMSNorm(d, cfg.rms_norm_eps, "embed", dtype)
 
-    def __call__(self, h_prev_BTD, emb_BTD, cos, sin, mask_BTS):
+    def __call__(self, h_prev_BTD, emb_BTD, cos, sin, mask_BTS=None, cache=None, positions_BT=None):
+        """(h^k, MoE aux or None, cache) from h^{k-1} and Emb(t_{i+k}) (eqs. 21-22); the cache as in Block."""
         x = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], axis=-1)
         h = fp8_linear(x, self.eh_proj[...]) if self.fp8 else x @ self.eh_proj[...].astype(x.dtype)
-        return self.block(h, cos, sin, mask_BTS)
+        return self.block(h, cos, sin, mask_BTS, cache=cache, positions_BT=positions_BT)
 
 
 def causal_mask(t: int) -> jax.Array:
@@ -108,10 +115,16 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
     return idx_BT - jax.lax.cummax(jnp.where(starts_BT, idx_BT, 0), axis=1)
 
 
+def _or_empty(scanned):
+    """scan_layers' (carry, outputs) with outputs (None, None) when the stack is absent."""
+    carry, out = scanned
+    return carry, (None, None) if out is None else out
+
+
 class Transformer(nnx.Module):
     """DeepSeek-V3: embedding, L blocks (scanned), final norm, output head, D MTP modules sharing both.
 
-    `model(tokens)`, `forward` and `forward_cached` run compiled on concrete arrays (one compile per structure,
+    `model(tokens)` and `forward` run compiled on concrete arrays (one compile per structure,
     shapes and flags; the current parameters every call) and as the plain body under a trace; `with
     jax.disable_jit():` runs them op by op for debugging (dsv3_jax/model/compiled.py)."""
 
@@ -131,9 +144,11 @@ class Transformer(nnx.Module):
         randomize(self, rngs.params())
 
     # -- pieces shared with inference --
+    @jax.named_scope("embed")
     def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.precision.compute_dtype)
 
+    @jax.named_scope("head")
     def output_head(self, h_BTD: jax.Array) -> jax.Array:
         """Logits [.., V] in float32 from a normalised hidden state."""
         w = self.embed[...].T if self.head is None else self.head[...]
@@ -147,32 +162,58 @@ class Transformer(nnx.Module):
     @compiled_method
     def forward(self, tokens_BT: jax.Array, *, segment_ids_BT: jax.Array | None = None,
                 positions_BT: jax.Array | None = None, mtp: bool = True, absorbed: bool = False,
-                remat: str = "none") -> ModelOutput:
-        """Full forward: main logits, MTP logits (when mtp and the model has MTP modules), expert counts and
-        balance terms. `absorbed` runs attention in the weight-absorbed form (same result); `remat` is the
-        recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy).
+                remat: str = "none", cache=None, layers=None) -> ModelOutput:
+        """The model's one forward: main logits, MTP logits (when mtp and the model has MTP modules), expert
+        counts and balance terms. `absorbed` runs attention in the weight-absorbed form (same result); `remat` is
+        the recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy).
 
         segment_ids_BT (int32, packed samples): attention is causal within a segment only, positions (RoPE) restart
         at 0 at each segment start unless positions_BT is given, and MTP module k at position i sees Emb(t_{i+k})
         only inside i's segment (zeros otherwise). Expert counts and the balance terms cover every token of a row
-        (padding included); a packed row is one "sequence" of the sequence-wise balance loss."""
+        (padding included); a packed row is one "sequence" of the sequence-wise balance loss.
+
+        Decoding passes `cache`, a LatentCache (MLA) or KVCache (MHA/GQA), and the tokens' positions_BT: the tokens
+        attend to the cache as in Block, the output carries the updated cache, and the MTP modules do not run
+        (they keep their own cache: mtp_forward, inference/decoder.py). Prefill passes the prompt at positions
+        0..T-1, decode one token per row at its own position. `layers` (decoding): the blocks as separate modules,
+        dense then MoE, with the cache's fields sequences of per-layer arrays; a scan over the stacks copies each
+        layer's weights out of its stack at every step, which dominates a decode step on the CPU."""
         cfg = self.config
         b, t = tokens_BT.shape
         if segment_ids_BT is not None and tuple(segment_ids_BT.shape) != (b, t):
             raise ValueError(f"segment_ids_BT has shape {tuple(segment_ids_BT.shape)}, expected the tokens' {(b, t)}")
+        if cache is not None and (positions_BT is None or segment_ids_BT is not None):
+            raise ValueError("forward with a cache needs positions_BT and takes no segment_ids_BT")
         if positions_BT is None:
             positions_BT = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if segment_ids_BT is None
                             else segment_positions(segment_ids_BT))
         cos, sin = rope_cos_sin(positions_BT, cfg)
-        mask = causal_mask(t) if segment_ids_BT is None else segment_mask(segment_ids_BT)
-        emb_BTD = self.embed_tokens(tokens_BT)
+        mask = None if cache is not None else causal_mask(t) if segment_ids_BT is None else segment_mask(
+            segment_ids_BT)
+        h = self.embed_tokens(tokens_BT)
+        if layers is not None:  # one module per layer; the cache's fields are per-layer sequences
+            if cache is None:
+                raise ValueError("forward(layers=...) is the decoding form: pass a cache with it")
+            new_a, new_b, moe_aux = [], [], []
+            for layer, a, c in zip(layers, *cache, strict=True):
+                h, aux, (a, c) = layer(h, cos, sin, cache=(a, c), positions_BT=positions_BT)
+                new_a.append(a)
+                new_b.append(c)
+                moe_aux += [] if aux is None else [aux]
+            new_cache = type(cache)(tuple(new_a), tuple(new_b))
+            moe_aux = jax.tree.map(lambda *x: jnp.stack(x), *moe_aux) if moe_aux else None
+        else:
+            def body(layer, h, *layer_cache):
+                h, aux, layer_cache = layer(h, cos, sin, mask, absorbed, layer_cache or None, positions_BT)
+                return h, (aux, layer_cache)
 
-        def body(layer, h, *_):
-            h, aux = layer(h, cos, sin, mask, absorbed)
-            return h, aux
-
-        h, _ = scan_layers(self.dense_layers, body, emb_BTD, remat=remat)
-        h, moe_aux = scan_layers(self.moe_layers, body, h, remat=remat)
+            k = cfg.num_dense_layers
+            dense_xs = () if cache is None else (cache[0][:k], cache[1][:k])
+            moe_xs = () if cache is None else (cache[0][k:], cache[1][k:])
+            h, (_, dense_cache) = _or_empty(scan_layers(self.dense_layers, body, h, *dense_xs, remat=remat))
+            h, (moe_aux, moe_cache) = _or_empty(scan_layers(self.moe_layers, body, h, *moe_xs, remat=remat))
+            new_cache = None if cache is None else type(cache)(
+                *(jnp.concatenate([p[i] for p in (dense_cache, moe_cache) if p is not None]) for i in (0, 1)))
         hidden = self.norm(h)
         logits = self.output_head(hidden)
         zero = jnp.zeros((), jnp.float32)
@@ -181,11 +222,11 @@ class Transformer(nnx.Module):
         balance_batch = zero if moe_aux is None else jnp.sum(moe_aux.balance_batch)
         mtp_logits = mtp_counts = None
         mtp_balance = mtp_balance_batch = zero
-        if mtp and self.mtp is not None:
-            mtp_logits, mtp_counts, mtp_balance, mtp_balance_batch = self._mtp_forward(
+        if mtp and self.mtp is not None and cache is None:
+            mtp_logits, mtp_counts, mtp_balance, mtp_balance_batch = self.mtp_forward(
                 hidden, tokens_BT, cos, sin, mask, remat, segment_ids_BT)
         return ModelOutput(logits, mtp_logits, counts, mtp_counts, balance, mtp_balance, hidden, balance_batch,
-                           mtp_balance_batch)
+                           mtp_balance_batch, new_cache)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=(), **kwargs):
@@ -198,43 +239,15 @@ class Transformer(nnx.Module):
         return fn(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop_tokens=stop_tokens, **kwargs)
 
-    @compiled_method
     def forward_cached(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache, layers=None):
-        """Main-model logits [B,T,V] of tokens at `positions` (int32 [B,T]) against a LatentCache (MLA) or KVCache
-        (MHA/GQA); returns
-        (logits, hidden [B,T,D] after the final norm, updated cache). Prefill passes the prompt at positions
-        0..T-1, decode one token per sequence at its own position; slots past a query's position are never read.
+        """(logits [B,T,V], hidden [B,T,D] after the final norm, updated cache): `forward` against a cache."""
+        out = self.forward(tokens_BT, positions_BT=positions_BT, cache=cache, layers=layers)
+        return out.logits, out.hidden, out.cache
 
-        `layers` (optional): the blocks as separate modules, dense then MoE, with the cache's fields sequences of
-        per-layer arrays. The decoder uses this form: a scan over the stacks copies every layer's weights out of
-        its stack at every step, which dominates a decode step on the CPU."""
-        cos, sin = rope_cos_sin(positions_BT, self.config)
-        h = self.embed_tokens(tokens_BT)
-        first, second = cache  # (c_kv, k_pe) or (k, v), each [L, ...] or per-layer sequences
-        if layers is not None:
-            new_a, new_b = [], []
-            for layer, a, b in zip(layers, first, second, strict=True):
-                h, a, b = layer.cached(h, cos, sin, positions_BT, a, b)
-                new_a.append(a)
-                new_b.append(b)
-            new_cache = type(cache)(tuple(new_a), tuple(new_b))
-        else:
-            k = self.config.num_dense_layers
-
-            def body(layer, h, c, pe):
-                h, c, pe = layer.cached(h, cos, sin, positions_BT, c, pe)
-                return h, (c, pe)
-
-            h, dense = scan_layers(self.dense_layers, body, h, first[:k], second[:k])
-            h, moe = scan_layers(self.moe_layers, body, h, first[k:], second[k:])
-            parts = [x for x in (dense, moe) if x is not None]
-            new_cache = type(cache)(jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts]))
-        hidden = self.norm(h)
-        return self.output_head(hidden), hidden, new_cache
-
-    def _mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask, remat: str, segment_ids_BT=None):
-        """Run the D MTP modules in sequence; module k sees Emb(t_{i+k}) (zeros past the end, or outside i's
-        segment when segment ids are given)."""
+    def mtp_forward(self, hidden_BTD, tokens_BT, cos, sin, mask, remat: str = "none", segment_ids_BT=None):
+        """(mtp_logits [D,B,T,V], counts [D,E] or None, balance, balance_batch) of the D MTP modules run in sequence
+        from the main model's normalised output hidden_BTD (training's form; the pipeline's last stage calls it
+        too); module k sees Emb(t_{i+k}) (zeros past the end, or outside i's segment when segment ids are given)."""
         d = self.config.num_mtp_layers
         t = tokens_BT.shape[1]
         shifted = jnp.stack([jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k))) for k in range(1, d + 1)])
@@ -248,12 +261,13 @@ class Transformer(nnx.Module):
         emb_DBTD = jnp.where(valid[..., None], emb_DBTD, 0)
 
         def body(module, h_prev, emb):
-            h_k, aux = module(h_prev, emb, cos, sin, mask)
+            h_k, aux, _ = module(h_prev, emb, cos, sin, mask)
             logits = self.output_head(module.head_norm(h_k))
             return h_k, (logits, aux)
 
         # h^0 is the main model's normalised output, the hidden state the serving engines hand to MTP.
-        _, (mtp_logits, aux) = scan_layers(self.mtp, body, hidden_BTD, emb_DBTD, remat=remat)
+        with jax.named_scope("mtp"):
+            _, (mtp_logits, aux) = scan_layers(self.mtp, body, hidden_BTD, emb_DBTD, remat=remat)
         if aux is None:
             return mtp_logits, None, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         return mtp_logits, aux.counts_E, jnp.sum(aux.balance), jnp.sum(aux.balance_batch)

@@ -63,9 +63,10 @@ def batch_loss_terms(model: Transformer, batch: Batch, mtp_weight, balance_alpha
     alpha x the sequence-wise (eqs. 17-20) or batch-wise (§4.5.3, over the micro-batch's tokens) balance term."""
     tokens, seg = batch.tokens, batch.segment_ids
     out = model.forward(tokens[:, :-1], segment_ids_BT=None if seg is None else seg[:, :-1], remat=remat)
-    ce = cross_entropy(out.logits, tokens[:, 1:], target_weights(tokens.shape, 1, batch.loss_mask, seg))
-    mtp = (jnp.zeros((), jnp.float32) if out.mtp_logits is None
-           else mtp_loss(out.mtp_logits, tokens, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg))
+    with jax.named_scope("loss"):
+        ce = cross_entropy(out.logits, tokens[:, 1:], target_weights(tokens.shape, 1, batch.loss_mask, seg))
+        mtp = (jnp.zeros((), jnp.float32) if out.mtp_logits is None
+               else mtp_loss(out.mtp_logits, tokens, loss_mask_BS=batch.loss_mask, segment_ids_BS=seg))
     if balance_scope == "sequence":
         bal = balance_alpha * (out.balance + out.mtp_balance)
     elif balance_scope == "batch":
@@ -235,6 +236,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         spike = judged & (loss > spike_factor * ema)
         skip = nonfinite | spike
 
+        @jax.named_scope("optimizer")
         def update(_):
             updates, new_opt = optimizer.update(grads, state["opt"], params)
             new_bias = bias if counts.size == 0 else _bias_update(bias, counts, mtp_counts, gamma)
@@ -290,6 +292,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             return jitted.lower(*args)
 
     call.lower = lower
+    call.jitted, call.arguments = jitted, arguments  # the compiled function and its argument tuple (profiling)
     return call
 
 

@@ -82,7 +82,7 @@ def test_mtp_logits_equal_restated_equations(model, forward):
         cat = jnp.concatenate([rms_norm(e, mod.enorm.weight[...], eps), rms_norm(h_in, mod.hnorm.weight[...], eps)], -1)
         h_prime = cat @ mod.eh_proj[...]  # eq. 21 (embedding half first, as the released weights)
         cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(n), (2, n)), CFG)
-        h_k, _ = mod.block(h_prime, cos, sin, causal_mask(n))  # eq. 22
+        h_k, _, _ = mod.block(h_prime, cos, sin, causal_mask(n))  # eq. 22
         logits = np.asarray(rms_norm(h_k, mod.head_norm.weight[...], eps)) @ head  # eq. 23 (before softmax)
         np.testing.assert_allclose(np.asarray(out.mtp_logits[k - 1, :, :n]), logits, rtol=1e-5, atol=1e-5)
         h_prev = h_k

@@ -69,7 +69,10 @@ def test_tiny_memory_by_hand():
     assert p["optimizer_bytes"] == 8 * (STAGE1_DENSE / 4 + STAGE1_EXPERT / 2 / 2) == 369952
     # in 1F1B rank r keeps pp - r micro-batches in flight: rank 1 one chunk of 16 tokens, rank 0 two (§8.3)
     assert p["chunks_in_flight"] == 1 and p["activation_bytes"] == 16 * STAGE1_ACT == 47744
-    assert p["total_bytes"] == 271648 + 543296 + 369952 + 47744
+    # EP send + receive buffers of one MoE layer: 16 tokens x top-2 over ep=2 -> C = min(ceil(2 * 16 * 2 / 2) = 32,
+    # worst case 16 x min(2, 4) = 32) rows per destination, 2 destinations, 64 BF16 values per row
+    assert p["ep_dispatch_rows"] == p["ep_dispatch_rows_worst_case"] == 64 and p["ep_buffer_bytes"] == 2 * 64 * 128
+    assert p["total_bytes"] == 271648 + 543296 + 369952 + 47744 + 16384
     rank0 = 2 * 120712 + 4 * 120712 + 8 * (STAGE0_DENSE / 4 + STAGE0_EXPERT / 2 / 2) + 2 * 16 * STAGE0_ACT
     assert rank0 == 1088064 < p["total_bytes"]
     # FP8 recipe (§3.3): attention output in E5M6 (1.5 bytes), dispatched copies and SwiGLU inputs in FP8 with a
@@ -118,6 +121,11 @@ def test_paper_setup_communication_and_overlap():
     assert dual["ep_s"] == pytest.approx(dual["ep_ib_bytes"] / 50e9)  # IB is the bottleneck, not NVLink
     assert dual["exposed_comm_s"] == 0.0 < dual["ep_s"]  # hidden behind compute (§3.2.1)
     assert dual["fits"]
+    # bounded EP buffers (sharding/expert_parallel.py): 4096 tokens x top-8 over ep=64, slack 2 -> 1024 rows per
+    # destination, 64 destinations, 7168 BF16 values a row; the static worst case was 4096 x min(8, 256 / 64) rows
+    assert dual["ep_dispatch_rows"] == 64 * 1024 and dual["ep_dispatch_bytes"] == 64 * 1024 * 7168 * 2
+    assert dual["ep_dispatch_rows_worst_case"] == 64 * 4096 * 4
+    assert dual["ep_buffer_bytes"] == 2 * dual["ep_dispatch_bytes"]
     one = plan(V3, mesh, "h800", TrainSettings(schedule="1f1b"), gpus=2048)
     assert one["exposed_comm_s"] == pytest.approx(one["ep_s"] + one["pp_s"])
     assert one["compute_sm_share"] == 1.0 and dual["compute_sm_share"] == pytest.approx(112 / 132)
@@ -145,7 +153,7 @@ def test_cli_json(capsys):
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1
     data = json.loads(out)
-    assert data["total_bytes"] == 271648 + 543296 + 369952 + 47744
+    assert data["total_bytes"] == 271648 + 543296 + 369952 + 47744 + 16384
     assert data["paper_gpu_hours_per_trillion"] == 180e3 and data["paper_total_gpu_hours"] == 2788e3
     assert data["ratio_total_gpu_hours"] == pytest.approx(data["total_gpu_hours"] / 2788e3)
     assert data["paper_setup"] is False
