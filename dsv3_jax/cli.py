@@ -61,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   spike_factor=args.spike_factor, spike_warmup=args.spike_warmup, max_spikes=args.max_spikes,
                   prompt=args.prompt,
                   sample_tokens=args.sample_tokens, progress=not args.no_progress, mesh=args.mesh,
-                  pipeline=args.pipeline, microbatches=args.microbatches, init=args.init,
+                  pipeline=args.pipeline, microbatches=args.microbatches, stage_layers=args.stage_layers,
+                  init=args.init,
                   yarn_factor=args.yarn_factor, yarn_original_len=args.yarn_original_len, balance=args.balance,
                   balance_scope=args.balance_scope, balance_alpha=args.balance_alpha, gamma=args.gamma,
                   mtp_depth=args.mtp_depth, mtp_weight=args.mtp_weight, set=args.set, fim_rate=args.fim_rate,
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pipeline", choices=PIPELINE_SCHEDULES, help="pipeline schedule over the mesh's pp axis (required "
                                                           "when pp > 1)")
     tr.add_argument("--microbatches", type=int, help="pipeline micro-batches per --micro-batch (default 2 * pp)")
+    tr.add_argument("--stage-layers", help="transformer layers per pipeline stage, e.g. 4,4,3 (the first stage's count "
+                                           "includes the dense layers; default: balanced by a FLOP cost model)")
     tr.add_argument("--init", help="continue pretraining from this work directory or released-format checkpoint "
                                    "(its config and tokenizer; paper §4.3 recipe: constant LR = the run's peak x "
                                    "7.3e-6/2.2e-4 unless --lr, fixed batch, MTP weight 0.1, bias speed 0)")

@@ -69,13 +69,14 @@ def compile_memory(cfg, mesh: str, *, seq_len: int, micro_batch: int = 1, microb
                    precision=precision, remat=remat, mesh=mesh, zero=zero, pipeline=pipeline,
                    microbatches=microbatches if pipeline is not None else None)
     check_seq_len(seq_len, cfg)
-    schedule = pipeline_schedule(args, cfg)
+    schedule, layout = pipeline_schedule(args, cfg)
     jmesh = build_mesh(mesh, cfg, batch=m, devices=devices[:n])
     t0 = time.perf_counter()
     graphdef, optimizer, state, shardings = initial_state(cfg, Precision.named(precision), seed=0,
                                                           lr=constant_schedule(1e-4), mesh=jmesh, zero=zero,
-                                                          abstract=True)
-    step = make_train_step(graphdef, optimizer, step_config(args), jmesh, shardings, schedule)
+                                                          abstract=True, pipeline=layout)
+    step = make_train_step(graphdef, optimizer, step_config(args), jmesh, shardings, schedule,
+                           layout=None if layout is None else layout[0])
     windows = jax.ShapeDtypeStruct((k, m, seq_len + 1), jnp.int32,
                                    sharding=NamedSharding(jmesh, batch_spec(3, batch_dim=1)))
     lowered = step.lower(state, windows)

@@ -86,9 +86,9 @@ def validate_mesh(sizes: dict[str, int], cfg: ModelConfig, batch: int | None = N
     if ep > 1 and g > 1 and ep % g and g % ep:
         raise ValueError(f"mesh ep={ep}: n_group={g} routing groups cannot align with {ep} expert-parallel ranks "
                          "(one must be a multiple of the other, so that each group lives on whole ranks)")
-    if pp > 1 and cfg.num_hidden_layers % pp:
-        raise ValueError(f"mesh pp={pp}: the model's {cfg.num_hidden_layers} layers do not split into {pp} "
-                         "pipeline stages (num_hidden_layers must be a multiple of pp)")
+    if pp > 1 and cfg.num_moe_layers == 0:
+        raise ValueError(f"mesh pp={pp}: pipeline stages cut the MoE stack, and the model has no MoE layer (stages "
+                         "need not be equal: sharding/stage_layout.py)")
     if batch is not None and batch % (dp * ep):
         raise ValueError(f"mesh dp={dp}, ep={ep}: the (micro-)batch of {batch} sequences does not split over "
                          f"dp x ep = {dp * ep} ranks (the batch must be a multiple of dp * ep)")

@@ -1,10 +1,14 @@
 """Pipeline executor: runs a schedule of sharding/pipeline.py over the 'pp' axis of a mesh (paper §3.2.1).
 
-Stage parameters are stacked on a leading stage axis; each rank gets the stages its schedule places on it
-(DualPipe: r and PP-1-r, so every stage is held twice and its two gradients are summed; DualPipeV: r and 2n-1-r)
-as a [ranks, phases, ...] array sharded over 'pp'. The edge parameters (embedding, head, ...) are replicated;
+Stage parameters live in a stored layout [ranks, homes, ...] sharded over 'pp': each stage once, on the rank that
+runs it in the schedule's first chain (`stage_homes`), so a rank holds only its own stages. Inside the step each
+rank builds the [phases, ...] copies its schedule runs: DualPipe runs stage s on ranks s and PP-1-s, so rank
+PP-1-s receives it by a `ppermute` from rank s, and the two copies' gradients (and aux) are summed back into the
+stored one by the reverse `ppermute`; DualPipeV (stages r and 2n-1-r) and the one-direction schedules store every
+stage they run. The edge parameters (embedding, head, ...) are replicated;
 the ranks that hold the first or last stage use them and their gradients are summed over 'pp'. So with DualPipe
-rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them.
+rank 0 runs embedding, first stage, last stage and head together, as §3.2 places them. (Stage parameters given
+with a leading stage axis instead are gathered into the stored layout first, and their gradients scattered back.)
 
 Execution is SPMD inside `jax.shard_map`, manual over the pipeline axis only (the mesh's other axes stay
 automatic, so a stage's computation keeps its data and expert parallelism, the MoE's shard_map nested inside):
@@ -105,6 +109,36 @@ def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
     return table, stage_index
 
 
+def stage_homes(schedule: Schedule) -> np.ndarray:
+    """int32 [ranks, homes]: the stages each rank stores, each stage once, on the rank that runs it in the first
+    chain (direction): DualPipe's stage s on rank s (its second copy, on rank PP-1-s, is built inside the step)."""
+    homes: list[list[int]] = [[] for _ in range(schedule.ranks)]
+    for r, phases in enumerate(schedule.place):
+        homes[r] = [s for chain, s in phases if chain == 0]
+    if sorted(s for h in homes for s in h) != list(range(schedule.num_stages)) or len(set(map(len, homes))) != 1:
+        raise ValueError(f"{schedule.name}: its first chain does not place every stage once, equally over the ranks "
+                         f"({homes}); the executor stores each stage on the rank of its first chain")
+    return np.array(homes, np.int32)
+
+
+def _copy_plan(schedule: Schedule, homes: np.ndarray):
+    """For each phase p: {home slot h: (local ranks [bool, ranks], ppermute pairs ((src, dst), ...))}: rank r's
+    phase-p stage is its own stored[h] (local) or arrives from rank src's stored[h]."""
+    where = {int(s): (r, h) for r in range(homes.shape[0]) for h, s in enumerate(homes[r])}
+    plan = []
+    for p in range(len(schedule.place[0])):
+        by_h: dict[int, tuple[np.ndarray, list]] = {}
+        for r, phases in enumerate(schedule.place):
+            src, h = where[phases[p][1]]
+            local, pairs = by_h.setdefault(h, (np.zeros(schedule.ranks, bool), []))
+            if src == r:
+                local[r] = True
+            else:
+                pairs.append((src, r))
+        plan.append({h: (local, tuple(pairs)) for h, (local, pairs) in by_h.items()})
+    return plan
+
+
 def _take(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
@@ -121,11 +155,16 @@ def program_shape(schedule: Schedule) -> tuple[int, int, int]:
 
 
 def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.sharding.Mesh, stage_params,
-                            edge_params, inputs, *, axis: str = "pp", pad_to: tuple[int, int, int] | None = None):
+                            edge_params, inputs, *, axis: str = "pp", pad_to: tuple[int, int, int] | None = None,
+                            stored: bool = False):
     """(loss, (stage_grads, edge_grads), (stage_aux, head_aux)) of the mean micro-batch loss, run as `schedule`
-    over mesh axis `axis`; the aux outputs are summed over micro-batches (stage_aux with a leading stage axis).
+    over mesh axis `axis`; the aux outputs are summed over micro-batches (stage_aux laid out like stage_grads).
 
-    stage_params: pytree whose leaves have a leading axis of schedule.num_stages; edge_params: any pytree;
+    stage_params: pytree whose leaves have a leading axis of schedule.num_stages, or with `stored` the stored
+    layout [ranks, homes, ...] (rank r's entry h is stage `stage_homes(schedule)[r, h]`; keep it sharded over
+    `axis`: each rank then reads only its own stages, a stage a schedule runs on a second rank (DualPipe) is sent
+    there inside the step, and the copies' gradients are summed into the stored one; stage grads and aux come back
+    in that layout, sharded the same way). edge_params: any pytree (replicated over `axis`, gradients summed);
     inputs: pytree whose leaves have a leading axis of schedule.microbatches (one entry per micro-batch; DualPipe
     sends micro-batches 0..M/2-1 forward from rank 0 and M/2..M-1 the other way). The hidden state passed between
     stages must have the same shape and dtype at every stage boundary. `pad_to` = (ticks, stages per rank, slots),
@@ -137,10 +176,13 @@ def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.
     if mesh.shape[axis] != schedule.ranks:
         raise ValueError(f"schedule {schedule.name} is for {schedule.ranks} ranks but mesh axis {axis!r} has "
                          f"{mesh.shape[axis]} devices")
+    homes = stage_homes(schedule)
+    lead = homes.shape if stored else (schedule.num_stages,)
     for leaf in jax.tree.leaves(stage_params):
-        if leaf.shape[:1] != (schedule.num_stages,):
-            raise ValueError(f"stage_params leaves need a leading axis of {schedule.num_stages} stages, got shape "
-                             f"{leaf.shape}")
+        if leaf.shape[:len(lead)] != lead:
+            raise ValueError(f"stage_params leaves need a leading axis of {schedule.num_stages} stages"
+                             + (f" in the stored layout {lead} (ranks, stages per rank)" if stored else "")
+                             + f", got shape {leaf.shape}")
     for leaf in jax.tree.leaves(inputs):
         if leaf.shape[:1] != (schedule.microbatches,):
             raise ValueError(f"inputs leaves need a leading axis of {schedule.microbatches} micro-batches, got "
@@ -152,31 +194,78 @@ def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.
         raise ValueError(f"pad_to {pad_to} is smaller than what {schedule.name} needs: (ticks, stages per rank, "
                          f"slots) = {need}")
     table = np.pad(table, ((0, 0), (0, ticks - need[0]), (0, 0)))
-    stage_index = np.concatenate([stage_index] + [stage_index[:, :1]] * (phases - need[1]), axis=1)
+    plan = _copy_plan(schedule, homes)
+    plan = tuple(tuple((h, tuple(bool(b) for b in local), pairs) for h, (local, pairs) in sorted(ph.items()))
+                 for ph in plan + [plan[0]] * (phases - need[1]))
     # an Auto-typed view of the mesh: the executor only names the pipeline axis, inside its shard_map
     mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-    run = _compiled(model, mesh, axis, slots, schedule.microbatches)
-    return run(jnp.asarray(table), jnp.asarray(stage_index), stage_params, edge_params, inputs)
+    run = _compiled(model, mesh, axis, slots, schedule.microbatches, plan)
+    if stored:
+        return run(jnp.asarray(table), stage_params, edge_params, inputs)
+    flat = homes.reshape(-1)
+    loss, (gs, ge), (sa, ha) = run(jnp.asarray(table), jax.tree.map(lambda a: a[homes], stage_params), edge_params,
+                                   inputs)
+
+    def per_stage(g):  # [ranks, homes, ...] -> [stages, ...]
+        return jnp.zeros((schedule.num_stages,) + g.shape[2:], g.dtype).at[flat].set(g.reshape((-1,) + g.shape[2:]))
+
+    return loss, (jax.tree.map(per_stage, gs), ge), (jax.tree.map(per_stage, sa), ha)
 
 
 _CACHE: dict = {}
 
 
-def _compiled(model: PipelineModel, mesh, axis: str, slots: int, microbatches: int):
-    key = (model, mesh, axis, slots, microbatches)
+def _compiled(model: PipelineModel, mesh, axis: str, slots: int, microbatches: int, plan):
+    key = (model, mesh, axis, slots, microbatches, plan)
     if key not in _CACHE:
-        _CACHE[key] = jax.jit(lambda *a: _run(model, mesh, axis, slots, microbatches, *a))
+        _CACHE[key] = jax.jit(lambda *a: _run(model, mesh, axis, slots, microbatches, plan, *a))
     return _CACHE[key]
 
 
-def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_index, stage_params, edge_params,
-         inputs):
-    ranks, phases = stage_index.shape
-    num_stages = jax.tree.leaves(stage_params)[0].shape[0]
-    local = jax.tree.map(lambda a: a[stage_index], stage_params)  # [ranks, phases, ...], sharded over `axis`
+def _gather_copies(stored, plan, r, axis):
+    """[phases, ...] stage copies of this rank from its stored [homes, ...] (DualPipe's second copies by ppermute)."""
+    out = []
+    for entries in plan:
+        if len(entries) == 1 and all(entries[0][1]):
+            out.append(_take(stored, entries[0][0]))  # every rank's own stage
+            continue
+        acc = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), stored)
+        for h, local, pairs in entries:
+            v = _take(stored, h)
+            acc = jax.tree.map(lambda a, b: jnp.where(jnp.asarray(local)[r], b, a), acc, v)
+            if pairs:
+                got = jnp.zeros(len(local), bool).at[np.array([d for _, d in pairs])].set(True)[r]
+                recv = jax.lax.ppermute(v, axis, list(pairs))
+                acc = jax.tree.map(lambda a, b: jnp.where(got, b, a), acc, recv)
+        out.append(acc)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+
+def _scatter_copies(per_phase, homes_n, plan, r, axis):
+    """[homes, ...] sums of the [phases, ...] per-copy values (gradients, aux) into each stage's stored entry."""
+    acc = [None] * homes_n
+    add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
+    for p, entries in enumerate(plan):
+        g = _take(per_phase, p)
+        if len(entries) == 1 and all(entries[0][1]):
+            acc[entries[0][0]] = add(acc[entries[0][0]], g)
+            continue
+        for h, local, pairs in entries:
+            acc[h] = add(acc[h], jax.tree.map(lambda a: jnp.where(jnp.asarray(local)[r], a, jnp.zeros_like(a)), g))
+            if pairs:
+                sent = jnp.zeros(len(local), bool).at[np.array([s for s, _ in pairs])].set(True)[r]
+                back = jax.lax.ppermute(g, axis, [(d, s) for s, d in pairs])
+                acc[h] = add(acc[h], jax.tree.map(lambda a: jnp.where(sent, a, jnp.zeros_like(a)), back))
+    zeros = jax.tree.map(jnp.zeros_like, _take(per_phase, 0))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[zeros if a is None else a for a in acc])
+
+
+def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, stored, edge_params, inputs):
+    ranks, homes_n, phases = table.shape[0], jax.tree.leaves(stored)[0].shape[1], len(plan)
+    one_stage = jax.tree.map(lambda a: a[0, 0], stored)
     inv_m = jnp.float32(1.0 / microbatches)
     x0 = jax.eval_shape(model.embed, edge_params, _take(inputs, 0))
-    h_shape, _, aux_s = jax.eval_shape(model.stage, _take(stage_params, 0), x0, _take(inputs, 0))
+    h_shape, _, aux_s = jax.eval_shape(model.stage, one_stage, x0, _take(inputs, 0))
     _, aux_h = jax.eval_shape(model.head, edge_params, x0, _take(inputs, 0))
     stage_fn = lambda p, x, inp: model.stage(p, x, inp)[:2]  # noqa: E731
     head_fn = lambda e, h, inp: jnp.asarray(model.head(e, h, inp)[0], jnp.float32)  # noqa: E731
@@ -186,8 +275,14 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
                          "needs one hidden shape at every stage boundary")
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
 
-    def per_rank(table, local, edge, inputs):
-        table, local = table[0], jax.tree.map(lambda a: a[0], local)
+    def per_rank(table, stored, edge, inputs):
+        table, stored = table[0], jax.tree.map(lambda a: a[0], stored)
+        r_me = jax.lax.axis_index(axis)
+        # The barriers order the copies' ppermutes after every input and before every output on all devices alike:
+        # the CPU runtime may otherwise run independent collectives in a different order on different devices
+        # and deadlock (seen with DualPipe: one device in the pp ppermute, its ep partner in an all-gather).
+        stored, edge, inputs = jax.lax.optimization_barrier((stored, edge, inputs))
+        local = _gather_copies(stored, plan, r_me, axis)  # [phases, ...]
         zeros_h = jnp.zeros(x0.shape, x0.dtype)
         zero_e = jax.tree.map(jnp.zeros_like, edge)
         # x[p, k]: stage input of micro-batch k (the embedding output on the first stage); g[p, k]: its output
@@ -280,20 +375,16 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, table, stage_ind
             return dict(x=x_buf, g=g_buf, gp=gp, ge=ge, loss=c["loss"] + loss * inv_m, sa=sa, ha=ha), None
 
         c, _ = jax.lax.scan(tick, carry, table)
-        return (jax.lax.psum(c["loss"], axis), jax.tree.map(lambda a: a[None], (c["gp"], c["sa"])),
-                jax.lax.psum((c["ge"], c["ha"]), axis))
+        gp, sa = _scatter_copies((c["gp"], c["sa"]), homes_n, plan, r_me, axis)
+        gp, sa, loss, ge, ha = jax.lax.optimization_barrier((gp, sa, c["loss"], c["ge"], c["ha"]))
+        return (jax.lax.psum(loss, axis), jax.tree.map(lambda a: a[None], (gp, sa)), jax.lax.psum((ge, ha), axis))
 
-    specs_local = jax.tree.map(lambda _: P(axis), local)
+    specs_stored = jax.tree.map(lambda _: P(axis), stored)
     specs_edge = jax.tree.map(lambda _: P(), edge_params)
     specs_in = jax.tree.map(lambda _: P(), inputs)
     specs_sa, specs_ha = jax.tree.map(lambda _: P(axis), aux_s), jax.tree.map(lambda _: P(), aux_h)
-    loss, (g_local, aux_local), (g_edge, aux_head) = jax.shard_map(
-        per_rank, mesh=mesh, in_specs=(P(axis), specs_local, specs_edge, specs_in),
-        out_specs=(P(), (specs_local, specs_sa), (specs_edge, specs_ha)), axis_names={axis}, check_vma=False)(
-            table, local, edge_params, inputs)
-    flat_idx = stage_index.reshape(-1)
-
-    def per_stage(g):  # [ranks, phases, ...] -> [stages, ...], summing a stage's copies
-        return jnp.zeros((num_stages,) + g.shape[2:], g.dtype).at[flat_idx].add(g.reshape((-1,) + g.shape[2:]))
-
-    return loss, (jax.tree.map(per_stage, g_local), g_edge), (jax.tree.map(per_stage, aux_local), aux_head)
+    loss, (g_stored, aux_stored), (g_edge, aux_head) = jax.shard_map(
+        per_rank, mesh=mesh, in_specs=(P(axis), specs_stored, specs_edge, specs_in),
+        out_specs=(P(), (specs_stored, specs_sa), (specs_edge, specs_ha)), axis_names={axis}, check_vma=False)(
+            table, stored, edge_params, inputs)
+    return loss, (g_stored, g_edge), (aux_stored, aux_head)

@@ -30,6 +30,9 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     # The stage axis of pipeline parallelism is built by the pipeline executor (stacks split into stages),
     # not a split of each stacked 'layers' axis, whose dense and MoE stacks differ in length.
     "layers": None,
+    # The stored stage axis of the pipeline layout (sharding/stage_layout.py: the MoE stack as [ranks, stages per
+    # rank, slots, ...] under --pipeline): each pp rank holds its own stages.
+    "stages": "pp",
     "q_lora": None,
     "kv_lora": None,
     "qk_head": None,

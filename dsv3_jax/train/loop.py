@@ -39,7 +39,8 @@ from dsv3_jax.train.tokenizer import Tokenizer, train_or_load_tokenizer
 from dsv3_jax.train.tokens import prepare_tokens
 from sharding.mesh import build_mesh, default_devices, initialize_distributed, parse_mesh_spec
 from sharding.pipeline import SCHEDULES, make_schedule
-from sharding.pipeline_transformer import check_stage_split
+from sharding.pipeline_transformer import pipeline_layout, pipeline_state
+from sharding.stage_layout import tree_from_pipeline
 from sharding.rules import ZERO_MODES, batch_spec, train_state_shardings
 
 DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}  # the paper's 2.2e-4 is for the 671B model; small models take more
@@ -78,6 +79,7 @@ class RunArgs:
     zero: str = "zero1"  # "zero1": optimizer moments split over the data axes; "fsdp": parameters too
     pipeline: str | None = None  # schedule over the mesh's pp axis (sharding/pipeline.py SCHEDULES); needs pp > 1
     microbatches: int | None = None  # pipeline micro-batches per --micro-batch (default 2 * pp)
+    stage_layers: str | None = None  # transformer layers per pipeline stage "N0,N1,..." (default: cost-balanced)
     init: str | None = None  # continue pretraining from this work directory / released checkpoint's weights
     yarn_factor: float | None = None  # with init: switch the rope to YaRN with this scale factor (paper §4.3)
     yarn_original_len: int | None = None  # YaRN's original length (default: the init run's --seq-len)
@@ -210,6 +212,8 @@ def _validate_pipeline(args: RunArgs):
     if args.pipeline is None:
         if args.microbatches is not None:
             raise ValueError("--microbatches is the pipeline's micro-batch count; it needs --pipeline")
+        if args.stage_layers is not None:
+            raise ValueError("--stage-layers lays out pipeline stages; it needs --pipeline")
         return None
     if args.pipeline not in SCHEDULES:
         raise ValueError(f"--pipeline {args.pipeline!r}: unknown schedule; expected one of {', '.join(SCHEDULES)}")
@@ -398,6 +402,14 @@ class Session:
     position: int = 0
     meta: dict | None = None  # the restored checkpoint's metadata (None for a fresh run)
     main_process: bool = True
+    pipeline: tuple | None = None  # (StageLayout, homes) when the state holds the MoE stack in the pipeline layout
+
+    def model_tree(self, state):
+        """(params, bias) of `state` in the model's tree (the pipeline layout converted back, padding dropped)."""
+        if self.pipeline is None:
+            return state["params"], state["bias"]
+        layout, homes = self.pipeline
+        return tree_from_pipeline(state["params"], layout, homes), tree_from_pipeline(state["bias"], layout, homes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,16 +478,24 @@ def _initial_params(cfg: ModelConfig, precision: Precision, seed: int, init):
 
 
 def initial_state(cfg: ModelConfig, precision: Precision, *, seed: int, lr: Callable, mesh=None,
-                  zero: str = "zero1", init=None, abstract: bool = False):
+                  zero: str = "zero1", init=None, abstract: bool = False, pipeline: tuple | None = None):
     """(graphdef, optimizer, state, shardings) of a run's first step: a fresh model's train state (or `init` =
     (params, bias)'s). Under a mesh the fresh state is built by one jit with out_shardings, so each device
     materialises only its own shards (the values equal the unsharded init: the init is deterministic from the
     seed); `init` (already on the host) is placed shard by shard. With `abstract`, jax.ShapeDtypeStructs (with
-    their shardings under a mesh) and nothing allocated."""
+    their shardings under a mesh) and nothing allocated. With `pipeline` = (StageLayout, homes) the MoE stack is
+    in the pipeline layout (sharding.pipeline_transformer.pipeline_state), sharded over 'pp'."""
+    if pipeline is not None and mesh is None:
+        raise ValueError("a pipeline-layout train state needs a mesh with a pp axis")
     graphdef, like_params, like_bias = split_model(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed),
                                                                                       precision)))
     optimizer = make_optimizer(like_params, 0.0, 1, schedule=lr)
-    like = jax.eval_shape(lambda p, b: init_state(p, b, optimizer), like_params, like_bias)
+
+    def build(params, bias):
+        return (init_state(params, bias, optimizer) if pipeline is None
+                else pipeline_state(params, bias, optimizer, *pipeline))
+
+    like = jax.eval_shape(build, like_params, like_bias)
     shardings = None if mesh is None else train_state_shardings(like, mesh, zero)
     if abstract:
         state = like if mesh is None else jax.tree.map(
@@ -483,7 +503,7 @@ def initial_state(cfg: ModelConfig, precision: Precision, *, seed: int, lr: Call
         return graphdef, optimizer, state, shardings
     if init is not None:
         _, params, bias = _initial_params(cfg, precision, seed, init)
-        state = init_state(params, bias, optimizer)
+        state = build(params, bias)
         del params, bias
         if mesh is None:
             return graphdef, optimizer, jax.device_put(state, jax.devices()[0]), None
@@ -491,7 +511,7 @@ def initial_state(cfg: ModelConfig, precision: Precision, *, seed: int, lr: Call
 
     def fresh():
         _, params, bias = split_model(Transformer(cfg, nnx.Rngs(seed), precision))
-        return init_state(params, bias, optimizer)
+        return build(params, bias)
 
     # committed to one device without a mesh, like restored arrays, so a restore does not trigger a recompile
     out = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else shardings
@@ -499,22 +519,46 @@ def initial_state(cfg: ModelConfig, precision: Precision, *, seed: int, lr: Call
 
 
 def build_session(workdir: pathlib.Path, ckpt: Checkpointer, cfg: ModelConfig, precision: Precision, *, seed: int,
-                  lr: Callable, mesh_spec: str | None, micro: int, zero: str, resume: bool, init=None) -> Session:
+                  lr: Callable, mesh_spec: str | None, micro: int, zero: str, resume: bool, init=None,
+                  pipeline: tuple | None = None) -> Session:
     """Mesh, model and train state (fresh or from `init` = (params, bias)), restored from the newest checkpoint
-    with `resume` (whose model config must equal `cfg`)."""
+    with `resume` (whose model config must equal `cfg`). With `pipeline` = (StageLayout, homes) the state keeps
+    the MoE stack in the pipeline layout (sharding.pipeline_transformer.pipeline_state), sharded over 'pp'."""
     main_process = jax.process_index() == 0
     # One device keeps the plain jit step; several (or an explicit --mesh) run over a mesh.
     mesh = None if mesh_spec is None and len(default_devices()) == 1 else build_mesh(mesh_spec, cfg, batch=micro)
     graphdef, optimizer, state, shardings = initial_state(cfg, precision, seed=seed, lr=lr, mesh=mesh, zero=zero,
-                                                          init=init)
-    session = Session(workdir, ckpt, mesh, shardings, graphdef, optimizer, state, main_process=main_process)
+                                                          init=init, pipeline=pipeline)
+    session = Session(workdir, ckpt, mesh, shardings, graphdef, optimizer, state, main_process=main_process,
+                      pipeline=pipeline)
     if resume:
+        saved_layout = (_meta_of_latest(ckpt) or {}).get("stage_layout")
+        here = None if pipeline is None else _layout_meta(*pipeline)
+        if saved_layout != here:
+            raise ValueError(f"--resume: the checkpoint in {ckpt.directory} holds the train state in pipeline layout "
+                             f"{saved_layout} (null: the model's), this run would use {here}; resume with the run's "
+                             "--mesh, --pipeline and --stage-layers")
         session.start, restored, meta = ckpt.restore(flat_state(_abstract(state)))
         session.state = unflat_state(restored, state)
         session.position, session.meta = meta["position"], meta
         if meta.get("model_config") != cfg.to_hf():
             raise ValueError(f"--resume: the checkpoint in {ckpt.directory} was trained with a different model config")
     return session
+
+
+def _layout_meta(layout, homes) -> dict:
+    """The pipeline layout as saved in checkpoint metadata (a resume must use the same)."""
+    return {"moe_counts": list(layout.moe_counts), "num_dense": layout.num_dense,
+            "homes": np.asarray(homes).tolist()}
+
+
+def _meta_of_latest(ckpt: Checkpointer) -> dict | None:
+    step = ckpt.latest_step()
+    path = pathlib.Path(ckpt.directory) / str(step) / "meta" / "metadata"
+    try:
+        return json.loads(path.read_text()) if step is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def _put_rows(rows, spec: LoopSpec, size: int, sharding):
@@ -614,7 +658,7 @@ def final_model(session: Session) -> Transformer:
     """The session's trained model (parameters gathered onto one local device under a mesh)."""
     state = session.state
     params, bias = (state["params"], state["bias"]) if session.mesh is None else jax.device_put(
-        _to_host((state["params"], state["bias"])), jax.local_devices()[0])
+        session.model_tree(_to_host({"params": state["params"], "bias": state["bias"]})), jax.local_devices()[0])
     return nnx.merge(session.graphdef, params, bias)
 
 
@@ -686,15 +730,15 @@ def _run_model(args: RunArgs):
 
 
 def pipeline_schedule(args: RunArgs, cfg: ModelConfig):
-    """The pipeline Schedule of --mesh/--pipeline/--microbatches checked against the model's stage split (None
-    without a pp axis); ValueError naming the flags."""
+    """(Schedule, (StageLayout, homes)) of --mesh/--pipeline/--microbatches/--stage-layers, or (None, None) without
+    a pp axis; ValueError naming the flags."""
     schedule = _validate_pipeline(args)
-    if schedule is not None:
-        try:
-            check_stage_split(cfg, schedule.num_stages)
-        except ValueError as e:
-            raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
-    return schedule
+    if schedule is None:
+        return None, None
+    try:
+        return schedule, pipeline_layout(cfg, schedule, args.stage_layers, args.seq_len)
+    except ValueError as e:
+        raise ValueError(f"--pipeline {args.pipeline} with pp={schedule.ranks}: {e}") from None
 
 
 def step_config(args: RunArgs) -> StepConfig:
@@ -736,11 +780,11 @@ def train(args: RunArgs) -> dict[str, Any]:
     check_seq_len(args.seq_len, cfg)
     precision = Precision.named(args.precision)
     micro = args.micro_batch or args.batch
-    schedule = pipeline_schedule(args, cfg)
+    schedule, layout = pipeline_schedule(args, cfg)
     peak_lr, schedules = _schedules(args, continued=init is not None, init_run=init_run)
     alpha, _ = balance_settings(args)
     session = build_session(workdir, ckpt, cfg, precision, seed=args.seed, lr=schedules["lr"], mesh_spec=args.mesh,
-                            micro=micro, zero=args.zero, resume=args.resume, init=init)
+                            micro=micro, zero=args.zero, resume=args.resume, init=init, pipeline=layout)
     if args.resume:
         _check_resumed_data(args, (session.meta or {}).get("run_args"))
     mesh, main_process = session.mesh, session.main_process
@@ -760,7 +804,7 @@ def train(args: RunArgs) -> dict[str, Any]:
     stop = args.stop_at or args.steps
 
     step_fn = make_train_step(session.graphdef, session.optimizer, step_config(args), mesh, session.shardings,
-                              schedule)
+                              schedule, layout=None if layout is None else layout[0])
     spec = LoopSpec(stop=stop, batch=args.batch, micro=micro, seq_len=args.seq_len,
                     lr=schedules["lr"], batch_size=schedules["batch"], mtp=schedules["mtp"], gamma=schedules["gamma"],
                     save_every=args.save_every, max_spikes=args.max_spikes, progress=args.progress,
@@ -768,7 +812,8 @@ def train(args: RunArgs) -> dict[str, Any]:
                     peak_flops=measure_peak_flops(dtype=precision.compute_dtype))
     mesh_note = "" if mesh is None else ", mesh " + ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
     if schedule is not None:
-        mesh_note += f", pipeline {args.pipeline} x {schedule.microbatches} micro-batches"
+        mesh_note += (f", pipeline {args.pipeline} x {schedule.microbatches} micro-batches, layers per stage "
+                      f"{layout[0].describe()}")
     if (args.balance, args.balance_scope) != ("aux-free", "sequence") or args.balance_alpha is not None:
         mesh_note += f", balance {args.balance} ({args.balance_scope}-wise, alpha {alpha:g})"
     if args.eval_every:
@@ -786,7 +831,8 @@ def train(args: RunArgs) -> dict[str, Any]:
 
     def meta_for(step: int) -> dict:
         return {"step": step, "position": session.position, "model_config": cfg.to_hf(),
-                "run_args": dataclasses.asdict(args), "tokenizer": None if tokenizer is None else tokenizer.to_json()}
+                "run_args": dataclasses.asdict(args), "tokenizer": None if tokenizer is None else tokenizer.to_json(),
+                "stage_layout": None if layout is None else _layout_meta(*layout)}
 
     evaluator = None
     if eval_sets:
@@ -794,6 +840,9 @@ def train(args: RunArgs) -> dict[str, Any]:
         if main_process:
             _truncate_after(eval_path, session.start)
         evaluator = Evaluator(session.graphdef, eval_sets, args.eval_every, stop, eval_path, mesh, main_process)
+        if layout is not None:  # the evaluation runs the model's tree
+            to_tree = jax.jit(lambda p, b: session.model_tree({"params": p, "bias": b}))
+            evaluator = _on_model_tree(evaluator, to_tree)
     switches = {"balance": args.balance, "balance_scope": args.balance_scope, "balance_alpha": alpha}
     result = run_loop(session, batches, step_fn, spec, meta_for, metrics_extra=lambda m: switches,
                       after_step=evaluator)
@@ -806,6 +855,15 @@ def train(args: RunArgs) -> dict[str, Any]:
                   f"{summary['sample']}\n")
     ckpt.close()
     return summary
+
+
+def _on_model_tree(evaluator: Evaluator, to_tree: Callable):
+    """after_step calling `evaluator` on the model-tree view of a pipeline-layout state when it is due."""
+    def after(step: int, state) -> None:
+        if evaluator.due(step):
+            params, bias = to_tree(state["params"], state["bias"])
+            evaluator(step, {"params": params, "bias": bias})
+    return after
 
 
 def _progress(step: int, total: int, row: dict) -> None:
@@ -834,10 +892,20 @@ def load_workdir(workdir: str | os.PathLike):
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), precision))
     graphdef, params, bias = split_model(abstract)
     optimizer = make_optimizer(params, run.get("lr") or 1e-3, run["steps"])
-    like = jax.eval_shape(lambda p, b: init_state(p, b, optimizer), params, bias)
+    saved_layout = meta.get("stage_layout")
+    if saved_layout is None:
+        like = jax.eval_shape(lambda p, b: init_state(p, b, optimizer), params, bias)
+    else:  # a --pipeline run's state: the MoE stack in its pipeline layout, converted back below
+        from sharding.stage_layout import StageLayout
+
+        pipeline = (StageLayout(tuple(saved_layout["moe_counts"]), saved_layout["num_dense"]),
+                    np.array(saved_layout["homes"], np.int32))
+        like = jax.eval_shape(lambda p, b: pipeline_state(p, b, optimizer, *pipeline), params, bias)
     _, restored, meta = ckpt.restore(flat_state(_abstract(like)))
     ckpt.close()
     state = unflat_state(restored, like)
+    if saved_layout is not None:
+        state["params"], state["bias"] = (tree_from_pipeline(state[k], *pipeline) for k in ("params", "bias"))
     model = nnx.merge(graphdef, state["params"], state["bias"])
     tokenizer = None if meta.get("tokenizer") is None else Tokenizer.from_json(meta["tokenizer"])
     return model, tokenizer

@@ -133,17 +133,19 @@ def _bias_update(bias, counts, mtp_counts, gamma):
     return jax.tree_util.tree_map_with_path(update, bias)
 
 
-def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
-    """grad_fn's ((loss, aux), grads) for one micro-batch Batch [M, S], computed by the pipeline executor."""
-    from sharding.pipeline_transformer import pipeline_train_terms
+def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh, layout) -> Callable:
+    """grad_fn's ((loss, aux), grads) for one micro-batch Batch [M, S], computed by the pipeline executor from
+    pipeline-layout params and bias (sharding.pipeline_transformer.pipeline_state); grads and expert counts
+    ([ranks, stages per rank, slots, E], zero in padding slots) in that layout."""
+    from sharding.pipeline_transformer import pipeline_layout_terms
 
     n = schedule.microbatches
 
     def grad_fn(params, bias, batch_MS: Batch, mtp_weight):
         batch_NBS = jax.tree.map(lambda a: constrain(a.reshape((n, a.shape[0] // n) + a.shape[1:]),
                                                      (None, "batch", None)), batch_MS)
-        loss, grads, (ce, mtp, bal), counts, mtp_counts = pipeline_train_terms(
-            graphdef, params, bias, batch_NBS, schedule, mesh, mtp_weight=mtp_weight,
+        loss, grads, (ce, mtp, bal), counts, mtp_counts = pipeline_layout_terms(
+            graphdef, params, bias, batch_NBS, schedule, mesh, layout, mtp_weight=mtp_weight,
             balance_alpha=sc.balance_alpha, remat=sc.remat)
         return (loss, (ce, mtp, bal, counts, mtp_counts, jnp.zeros((), jnp.float32))), grads
 
@@ -152,7 +154,7 @@ def _pipeline_grad_fn(graphdef, sc: StepConfig, schedule, mesh) -> Callable:
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepConfig, mesh=None,
                     state_shardings=None, schedule=None, distill: DistillSpec | None = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, layout=None) -> Callable:
     """jit-compiled `step(state, windows_KMS, mtp_weight, gamma) -> (state, StepMetrics)`.
 
     windows_KMS: K micro-batches of M packed windows of S = T + 1 tokens (inputs and next-token targets), an int
@@ -166,6 +168,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
     With a pipeline `schedule` (sharding.pipeline.make_schedule over the mesh's 'pp' ranks) each of the K
     micro-batches is split into schedule.microbatches pipeline micro-batches of M / microbatches windows, and its
     loss, gradients and expert counts come from the pipeline executor (same values); the update is the same.
+    The state is then in the pipeline layout of `layout` (a sharding.stage_layout.StageLayout; the state from
+    sharding.pipeline_transformer.pipeline_state): the MoE stack [ranks, stages per rank, slots, ...] sharded over
+    'pp', its gradients and optimizer moments too; padding slots get zero gradients (they stay zero) and no counts.
     With `distill` the step takes `teacher=(params, bias)` of distill.teacher_graphdef (same vocabulary).
     With `donate` (the default) the state passed in is donated to the step, so XLA updates it in place and the
     old state's arrays are deleted: keep only the returned state (pass donate=False to step one state twice).
@@ -195,7 +200,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             raise ValueError("make_train_step: logit distillation does not run through the pipeline executor")
         if mesh is None:
             raise ValueError("make_train_step: a pipeline schedule needs a mesh with a 'pp' axis")
-        grad_fn = _pipeline_grad_fn(graphdef, sc, schedule, mesh)
+        if layout is None:
+            raise ValueError("make_train_step: a pipeline schedule needs the state's stage layout (layout=)")
+        grad_fn = _pipeline_grad_fn(graphdef, sc, schedule, mesh, layout)
+        from sharding.pipeline_exec import stage_homes
+        from sharding.stage_layout import valid_pipeline
+
+        valid_layers = valid_pipeline(layout, stage_homes(schedule))  # [ranks, homes, slots]: 0 for padding
 
     def step(state: TrainState, batch_KMS: Batch, mtp_weight, gamma, spike_factor, spike_warmup, teacher):
         params, bias = state["params"], state["bias"]
@@ -207,6 +218,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if schedule is not None:  # the accumulated stage gradients stay with their pp rank (no gather of the stack)
+            zero_grads = jax.lax.with_sharding_constraint(zero_grads, state_shardings["params"])
         first = jax.tree.map(lambda a: a[0], batch_KMS)
         _, aux_shape = jax.eval_shape(grad_fn, params, bias, first, mtp_weight, *extra)[0]
         zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
@@ -239,7 +252,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
             "loss_ema": jnp.where(skip, ema, new_ema),
             "step": state["step"] + 1,
         }
-        max_vio = jnp.zeros((), jnp.float32) if counts.size == 0 else jnp.mean(max_violation(counts))
+        if counts.size == 0:
+            max_vio = jnp.zeros((), jnp.float32)
+        elif schedule is None:
+            max_vio = jnp.mean(max_violation(counts))
+        else:  # the mean over the MoE layers, padding slots left out
+            max_vio = jnp.sum(max_violation(counts) * valid_layers) / np.sum(valid_layers)
         return new_state, StepMetrics(loss, ce, mtp, bal, grad_norm, max_vio, skip, nonfinite, kl)
 
     donated = (0,) if donate else ()

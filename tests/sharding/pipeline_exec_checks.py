@@ -29,7 +29,7 @@ from dsv3_jax.model.transformer import Transformer  # noqa: E402
 from dsv3_jax.train.step import Batch, batch_loss_terms, split_model  # noqa: E402
 from sharding.pipeline import make_schedule  # noqa: E402
 from sharding.pipeline_exec import PipelineModel, pipeline_value_and_grad, program_shape  # noqa: E402
-from sharding.pipeline_transformer import pipeline_train_loss_and_grads, transformer_pipeline  # noqa: E402
+from sharding.pipeline_transformer import pipeline_train_loss_and_grads  # noqa: E402
 
 
 def grad_error(got, want) -> float:
@@ -134,10 +134,6 @@ def transformer_checks(out):
                 grad_err=grad_error(grads, ref_grads), counts=counts.tolist(), ref_counts=ref_counts[0].tolist(),
                 mtp_counts=mtp_counts.tolist(), ref_mtp_counts=ref_counts[1].tolist()))
     masked_pipeline_check(out, cfg, graphdef, params, bias, windows, mtp_weight, alpha)
-    try:
-        transformer_pipeline(graphdef, params, bias, 3)
-    except ValueError as e:
-        out["errors"]["stages"] = str(e)
 
 
 def masked_pipeline_check(out, cfg, graphdef, params, bias, windows, mtp_weight, alpha):

@@ -62,7 +62,7 @@ def test_sizes_must_multiply_to_the_device_count(monkeypatch):
 
 @pytest.mark.parametrize("sizes, cfg, batch, message", [
     ({"ep": 3}, TINY, None, "8 routed experts do not divide evenly over 3"),
-    ({"pp": 2}, TINY, None, "3 layers do not split into 2 pipeline stages"),
+    ({"pp": 2}, TINY.replace(first_k_dense_replace=3), None, "model has no MoE layer"),
     ({"dp": 2, "ep": 4}, TINY, 4, "batch of 4 sequences does not split over dp x ep = 8"),
     ({"ep": 6}, TINY.replace(n_routed_experts=12), None, "n_group=4 routing groups cannot align with 6"),
 ])
@@ -73,6 +73,7 @@ def test_model_must_fit_the_mesh(sizes, cfg, batch, message):
 
 def test_fitting_meshes_pass():
     validate_mesh({"pp": 3, "dp": 2, "ep": 4}, TINY, 8)
+    validate_mesh({"pp": 2}, TINY)  # 3 layers over 2 stages: uneven stages (sharding/stage_layout.py)
     validate_mesh({"ep": 8}, TINY, 8)  # ep a multiple of n_group: a group spans 2 ranks
 
 

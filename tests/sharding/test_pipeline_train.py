@@ -85,7 +85,9 @@ def test_pipelined_train_logs_the_single_device_losses(runs):
     (["--mesh", "pp=2", "--pipeline", "1f1b", "--microbatches", "1"], "microbatches >= ranks"),
     (["--mesh", "pp=2,dp=2,ep=2", "--pipeline", "gpipe", "--batch", "12"], "multiple of 4 * 4 = 16"),
     (["--mesh", "pp=2", "--pipeline", "zb1p", "--microbatches", "0"], "positive integer"),
-    (["--mesh", "pp=4", "--pipeline", "1f1b", "--batch", "8"], "2 MoE layers do not split into 4"),
+    (["--mesh", "pp=2", "--pipeline", "1f1b", "--stage-layers", "1,1,1"], "gives 3 stages; the schedule has 2"),
+    (["--mesh", "pp=2", "--pipeline", "1f1b", "--stage-layers", "0,3"], "its count must be at least 1"),
+    (["--mesh", "dp=2", "--stage-layers", "1,2"], "it needs --pipeline"),
 ])
 def test_cli_refuses_bad_pipeline_flags(tmp_path, capsys, flags, message):
     assert main(["train", "--workdir", str(tmp_path), "--steps", "1", "--preset", "tiny"] + flags) == 2
