@@ -93,7 +93,7 @@ class MTPModule(nnx.Module):
         """(h^k, MoE aux or None, cache) from h^{k-1} and Emb(t_{i+k}) (eqs. 21-22); the cache as in Block."""
         x = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], axis=-1)
         h = fp8_linear(x, self.eh_proj[...]) if self.fp8 else x @ self.eh_proj[...].astype(x.dtype)
-        return self.block(h, cos, sin, mask_BTS, cache=cache, positions_BT=positions_BT)
+        return self.block(h, cos, sin, mask_BTS, False, cache, positions_BT)
 
 
 def causal_mask(t: int) -> jax.Array:
