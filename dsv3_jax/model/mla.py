@@ -53,14 +53,24 @@ def mla_latents(p: Params, x_BTD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Ar
     return q_nope, q_pe, c_kv, k_pe
 
 
+def _masked_scores(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
+    """scale * scores in float32, -inf where mask is False."""
+    return jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32) * scale, -jnp.inf)
+
+
+def _softmax_parts(s_BHTS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(exp(s - m), its row sums (at least float32's tiny), m) of masked scores: softmax = e / sum; a fully
+    masked row has m = 0 and e = 0, so it gives zeros."""
+    m = jnp.max(s_BHTS, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s_BHTS - m)
+    return e, jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny), m
+
+
 def masked_softmax(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
     """softmax(scale * scores) over S in float32 where mask is True (a fully masked row gives zeros)."""
-    s = scores_BHTS.astype(jnp.float32) * scale
-    s = jnp.where(mask_BTS[:, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(s - m)
-    return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    e, total, _ = _softmax_parts(_masked_scores(scores_BHTS, mask_BTS, scale))
+    return e / total
 
 
 def attention_core(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSV: jax.Array, mask_BTS: jax.Array,
@@ -76,19 +86,13 @@ def attention_core(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSV: jax.Array, mask
 
 
 def _scores(q_BHTK, k_BHSK, mask_BTS, scale):
-    s = (q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2)).astype(jnp.float32) * scale
-    return jnp.where(mask_BTS[:, None], s, -jnp.inf)
+    return _masked_scores(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale):
-    s = _scores(q_BHTK, k_BHSK, mask_BTS, scale)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(s - m)
-    lse_BHT1 = m + jnp.log(jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny))
-    probs = jnp.exp(s - lse_BHT1).astype(v_BHSV.dtype)
-    return probs @ v_BHSV, lse_BHT1
+    e, total, m = _softmax_parts(_scores(q_BHTK, k_BHSK, mask_BTS, scale))
+    return (e / total).astype(v_BHSV.dtype) @ v_BHSV, m + jnp.log(total)
 
 
 def _attention_core_fwd(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale):

@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests.*
+
 _SINGLE = "--single" in sys.argv
 if not _SINGLE:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -31,6 +33,7 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_disable_most_optimizations", True)  # tiny programs (the reference run too)
 
 from dsv3_jax.config import get_preset  # noqa: E402
+from tests.sharding.runs import metrics, write_corpus  # noqa: E402
 
 # 4 dense + 8 MoE layers: 12 layers split over pp = 2 or 4 (mesh check), 8 MoE layers into 2 pp stages (DualPipeV)
 CFG = get_preset("tiny").replace(num_hidden_layers=12, first_k_dense_replace=4)
@@ -53,18 +56,6 @@ def write_config(path) -> pathlib.Path:
     path = pathlib.Path(path)
     path.write_text(json.dumps(CFG.to_hf()))
     return path
-
-
-def write_corpus(path) -> pathlib.Path:
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")"]
-    path = pathlib.Path(path)
-    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
-    return path
-
-
-def metrics(workdir):
-    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
 def rel(a, b) -> float:

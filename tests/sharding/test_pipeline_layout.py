@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from sharding.pipeline_transformer import pipeline_state
 from sharding.rules import train_state_shardings
 from sharding.stage_layout import (StageLayout, balanced_layout, from_pipeline, parse_stage_layers, stage_costs,
                                    to_pipeline, tree_from_pipeline, tree_to_pipeline)
+from tests.sharding.runs import metrics, write_corpus
 
 V3 = get_preset("deepseek-v3")
 TINY5 = TINY.replace(num_hidden_layers=5)  # 1 dense + 4 MoE layers
@@ -143,17 +143,10 @@ STEPS = 2
 BASE = dict(steps=STEPS, batch=16, seq_len=16, lr=3e-3, save_every=1, sample_tokens=0, progress=False)
 
 
-def _metrics(workdir):
-    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("pplayout")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")"]
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
+    corpus = write_corpus(d / "corpus.txt")
     out = {}
 
     def run(name, **kw):
@@ -177,7 +170,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name,ref", [("1f1b", "single"), ("dualpipev", "single"), ("dualpipe", "single"),
                                       ("pp4", "single5")])
 def test_pipelined_train_gives_the_single_device_losses(runs, name, ref):
-    piped, single = _metrics(runs[name]), _metrics(runs[ref])
+    piped, single = metrics(runs[name]), metrics(runs[ref])
     assert [r["step"] for r in piped] == list(range(1, STEPS + 1)) and len(single) == STEPS
     for a, b in zip(piped, single):
         for key in ("loss", "ce", "mtp_loss", "grad_norm"):

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from dsv3_jax.cli import main
+from tests.sharding.runs import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "sharding" / "pipeline_matrix.py"
@@ -26,10 +27,6 @@ def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _metrics(workdir):
-    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +63,9 @@ def test_every_schedule_matches_single_device_gradients_on_pp_dp_ep(runs):
 
 
 def test_pipelined_train_logs_the_single_device_losses(runs):
-    single = _metrics(runs["dir"] / "single")
+    single = metrics(runs["dir"] / "single")
     (r,) = runs["results"]["train"]
-    piped = _metrics(r["workdir"])
+    piped = metrics(r["workdir"])
     assert [x["step"] for x in piped] == [1, 2, 3] and len(single) == 3
     for a, b in zip(piped, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)

@@ -15,10 +15,10 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from dsv3_jax.train.loop import RunArgs, train
+from tests.sharding.runs import metrics, write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 5
@@ -37,18 +37,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _metrics(workdir):
-    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Starts the 8-device checks and the two-process training, runs the single-device reference meanwhile."""
     d = tmp_path_factory.mktemp("sharded")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "x", "y", "(", ")"]
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(3000)))
+    corpus = write_corpus(d / "corpus.txt")
     checks = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "sharding" / "multi_device_checks.py"), str(corpus), str(d / "mesh8"),
          str(STEPS)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -109,7 +102,7 @@ def test_adversarial_routing_drops_nothing_under_expert_parallelism(runs):
 
 def test_train_over_a_mesh_logs_the_single_device_losses(runs):
     _results(runs)
-    single, mesh = _metrics(runs["dir"] / "single"), _metrics(runs["dir"] / "mesh8")
+    single, mesh = metrics(runs["dir"] / "single"), metrics(runs["dir"] / "mesh8")
     assert [r["step"] for r in mesh] == list(range(1, STEPS + 1))
     for a, b in zip(mesh, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
@@ -121,7 +114,7 @@ def test_train_over_a_mesh_logs_the_single_device_losses(runs):
 def test_two_processes_log_the_single_process_losses(runs):
     for rc, out in runs["procs"]:
         assert rc == 0, out[-3000:]
-    single, multi = _metrics(runs["dir"] / "single"), _metrics(runs["dir"] / "two_proc")
+    single, multi = metrics(runs["dir"] / "single"), metrics(runs["dir"] / "two_proc")
     assert [r["step"] for r in multi] == list(range(1, STEPS + 1))  # process 0 alone writes the metrics
     for a, b in zip(multi, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
