@@ -15,9 +15,6 @@ import jax  # noqa: E402
 # arrays and single-device programs stay on device 0, and a run without --mesh uses one device (DSV3_DEVICES,
 # sharding.mesh.default_devices). Subprocesses inherit DSV3_DEVICES but not the device count.
 jax.config.update("jax_num_cpu_devices", 8)
-import dsv3_jax  # noqa: E402
-
-dsv3_jax.cpu_collective_threads(8)  # XLA:CPU thread headroom for their collectives (NPROC; inherited by subprocesses)
 os.environ.setdefault("DSV3_DEVICES", "1")
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dsv3-jax-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
