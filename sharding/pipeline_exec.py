@@ -16,9 +16,10 @@ the per-rank op lists become a static tick table (list scheduling with unit cost
 earlier), and a `lax.scan` over ticks runs, on every rank, a forward lane (F or nothing) and a backward lane (B, b,
 W or nothing); an overlapped pair [F&B] uses both lanes in one tick.
 After each tick the outputs move to their neighbours with two `ppermute`s (right, left); DualPipeV's turn on its
-last rank is a local copy. Every rank keeps each micro-batch's stage input and output-gradient; B, b and W
-recompute the stage forward inside `jax.vjp` from the saved input (b differentiates with respect to the input
-only, W with respect to the parameters only, from the saved (input, output-grad) pair).
+last rank is a local copy. Every rank keeps each in-flight micro-batch's stage input and output-gradient, in
+buffer slots reused once the micro-batch's last backward op has read them (as many as micro-batches in flight);
+B, b and W recompute the stage forward inside `jax.vjp` from the saved input (b differentiates with respect to the
+input only, W with respect to the parameters only, from the saved (input, output-grad) pair).
 
 The executor knows nothing of the model: a `PipelineModel` (embed, stage, head functions) says what a stage
 computes; sharding/pipeline_transformer.py builds the one for DeepSeek-V3.
@@ -38,10 +39,12 @@ from sharding.pipeline import Schedule, UnitCosts, simulate
 
 _NONE, _RIGHT, _LEFT, _LOCAL = 0, 1, 2, 3
 _BK = {"B": 1, "b": 2, "W": 3}
-# tick-table columns: forward lane, then backward lane (kind 0 = idle)
-_F_ON, _F_PH, _F_K, _F_M, _F_FIRST, _F_LAST, _F_DEST, _F_DPH = range(8)
-_B_KIND, _B_PH, _B_K, _B_M, _B_FIRST, _B_LAST, _B_DEST, _B_DPH = range(8, 16)
-_COLS = 16
+# tick-table columns: forward lane, then backward lane (kind 0 = idle), then the slot on the receiving rank of
+# what each lane sends
+_F_ON, _F_PH, _F_SLOT, _F_M, _F_FIRST, _F_LAST, _F_DEST, _F_DPH = range(8)
+_B_KIND, _B_PH, _B_SLOT, _B_M, _B_FIRST, _B_LAST, _B_DEST, _B_DPH = range(8, 16)
+_F_DSLOT, _B_DSLOT = 16, 17
+_COLS = 18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +67,22 @@ class PipelineModel:
 
 
 def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    """(table [ranks, ticks, 16] int32, stage_index [ranks, phases] int32): each op's tick is its start in
+    """(table [ranks, ticks, 18] int32, stage_index [ranks, phases] int32): each op's tick is its start in
     `pipeline.simulate` with unit costs (an op runs at least one tick after its dependencies and after the rank's
-    previous op)."""
+    previous op); each micro-batch's buffer slot on a rank's stage copy from `_slots`."""
     where: dict[tuple[int, int], tuple[int, int]] = {}  # (chain, stage) -> (rank, phase)
     for r, phases in enumerate(schedule.place):
         for p, cs in enumerate(phases):
             where[cs] = (r, p)
     if any(len(ph) != len(schedule.place[0]) for ph in schedule.place):
         raise ValueError(f"{schedule.name}: every rank must hold the same number of stages")
-    last, per_chain = schedule.num_stages - 1, schedule.per_chain
+    last = schedule.num_stages - 1
     sim = simulate(schedule, UnitCosts())
     tick = {chunk: int(t) for ops, starts in zip(schedule.resolved(), sim.start) for op, t in zip(ops, starts)
             for chunk in op}
     n_ticks = int(sim.total)
     table = np.zeros((schedule.ranks, n_ticks, _COLS), np.int32)
+    slot = _slots(tick, where, last)
 
     def dest(r, chain, stage, step):
         s2 = stage + step
@@ -92,21 +96,60 @@ def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
 
     for (kind, chain, stage, m), t in tick.items():
         r, p = where[(chain, stage)]
-        k = m - chain * per_chain
         first, is_last = int(stage == 0), int(stage == last)
+        step = 1 if kind == "F" else -1 if kind in "Bb" else 0
+        d = dest(r, chain, stage, step) if step else (_NONE, 0)
+        to = slot.get((chain, stage + step, m), 0) if d[0] != _NONE else 0
         if kind == "F":
             row = table[r, t, :8]
             if row[_F_ON]:
                 raise ValueError(f"{schedule.name}: two forwards on rank {r} at tick {t}")
-            row[:] = (1, p, k, m, first, is_last) + dest(r, chain, stage, 1)
+            row[:] = (1, p, slot[chain, stage, m], m, first, is_last) + d
+            table[r, t, _F_DSLOT] = to
         else:
-            row = table[r, t, 8:]
+            row = table[r, t, 8:16]
             if row[0]:
                 raise ValueError(f"{schedule.name}: two backward chunks on rank {r} at tick {t}")
-            d = dest(r, chain, stage, -1) if kind in "Bb" else (_NONE, 0)
-            row[:] = (_BK[kind], p, k, m, first, is_last) + d
+            row[:] = (_BK[kind], p, slot[chain, stage, m], m, first, is_last) + d
+            table[r, t, _B_DSLOT] = to
     stage_index = np.array([[s for _, s in ph] for ph in schedule.place], np.int32)
     return table, stage_index
+
+
+def _slots(tick: dict, where: dict, last: int) -> dict:
+    """{(chain, stage, m): buffer slot}: where the rank running (chain, stage) keeps micro-batch m's stage input
+    and output gradient, from their first write to their last read; micro-batches whose lifetimes do not overlap
+    share a slot, so a stage copy needs as many slots as it has micro-batches in flight (DualPipe: about the
+    number of ranks), not one per micro-batch. Times within tick t: 4t the forward lane reads its input, 4t+1 it
+    writes the embedding output (first stage) or the head input (last), 4t+2 the backward lane reads both, 4t+3
+    the arrivals from the neighbours are written."""
+    span: dict = {}  # (chain, stage, m) -> [first write, last read]
+
+    def use(key, time, write):
+        lo, hi = span.get(key, (None, None))
+        span[key] = (time if write and (lo is None or time < lo) else lo,
+                     time if not write and (hi is None or time > hi) else hi)
+
+    for (kind, chain, stage, m), t in tick.items():
+        if kind == "F":
+            if stage == 0 or stage == last:
+                use((chain, stage, m), 4 * t + 1, True)
+            if stage > 0:
+                use((chain, stage, m), 4 * t, False)
+            if stage < last:
+                use((chain, stage + 1, m), 4 * t + 3, True)
+        else:
+            use((chain, stage, m), 4 * t + 2, False)
+            if kind in "Bb" and stage > 0:
+                use((chain, stage - 1, m), 4 * t + 3, True)
+    slot, busy = {}, {}  # busy: (chain, stage) -> per slot, the last read of its current micro-batch
+    for key, (lo, hi) in sorted(span.items(), key=lambda kv: kv[1][0]):
+        ends = busy.setdefault(key[:2], [])
+        free = [i for i, end in enumerate(ends) if end < lo]
+        i = free[0] if free else len(ends)
+        ends[i:i + 1] = [hi]
+        slot[key] = i
+    return slot
 
 
 def stage_homes(schedule: Schedule) -> np.ndarray:
@@ -151,7 +194,11 @@ def _put(buf, i, j, value):
 def program_shape(schedule: Schedule) -> tuple[int, int, int]:
     """(ticks, stages per rank, micro-batch slots per stage) of the compiled program that runs `schedule`."""
     table, stage_index = tick_table(schedule)
-    return table.shape[1], stage_index.shape[1], schedule.per_chain
+    return table.shape[1], stage_index.shape[1], _slot_count(table)
+
+
+def _slot_count(table: np.ndarray) -> int:
+    return int(max(table[..., _F_SLOT].max(), table[..., _B_SLOT].max())) + 1
 
 
 def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.sharding.Mesh, stage_params,
@@ -188,7 +235,7 @@ def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.
             raise ValueError(f"inputs leaves need a leading axis of {schedule.microbatches} micro-batches, got "
                              f"shape {leaf.shape}")
     table, stage_index = tick_table(schedule)
-    need = (table.shape[1], stage_index.shape[1], schedule.per_chain)
+    need = (table.shape[1], stage_index.shape[1], _slot_count(table))
     ticks, phases, slots = need if pad_to is None else pad_to
     if ticks < need[0] or phases < need[1] or slots < need[2]:
         raise ValueError(f"pad_to {pad_to} is smaller than what {schedule.name} needs: (ticks, stages per rank, "
@@ -285,8 +332,8 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
         local = _gather_copies(stored, plan, r_me, axis)  # [phases, ...]
         zeros_h = jnp.zeros(x0.shape, x0.dtype)
         zero_e = jax.tree.map(jnp.zeros_like, edge)
-        # x[p, k]: stage input of micro-batch k (the embedding output on the first stage); g[p, k]: its output
-        # gradient, or on the last stage its output (the head's input). Slot `slots` is a discard slot.
+        # x[p, i]: the stage input of the micro-batch in slot i (the embedding output on the first stage); g[p, i]:
+        # its output gradient, or on the last stage its output (the head's input). Slot `slots` is a discard slot.
         buf = jnp.zeros((phases, slots + 1) + x0.shape, x0.dtype)
         carry = dict(x=buf, g=buf, gp=jax.tree.map(jnp.zeros_like, local), ge=zero_e,
                      loss=jnp.zeros((), jnp.float32),
@@ -295,7 +342,7 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
         def tick(c, row):
             x_buf, g_buf = c["x"], c["g"]
             # ---- forward lane: [embed] -> stage -> [head + loss]
-            fp, fk, fm = row[_F_PH], row[_F_K], row[_F_M]
+            fp, fk, fm = row[_F_PH], row[_F_SLOT], row[_F_M]
             f_on, ffirst, flast = row[_F_ON] == 1, row[_F_FIRST] == 1, row[_F_LAST] == 1
             inp = _take(inputs, fm)
 
@@ -312,7 +359,7 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
             g_buf = _put(g_buf, fp, jnp.where(f_on & flast, fk, slots), h_f)
 
             # ---- backward lane: [head vjp] -> stage vjp (input and/or weights) -> [embed vjp]
-            kind, bp, bk, bm = row[_B_KIND], row[_B_PH], row[_B_K], row[_B_M]
+            kind, bp, bk, bm = row[_B_KIND], row[_B_PH], row[_B_SLOT], row[_B_M]
             bfirst, blast = row[_B_FIRST] == 1, row[_B_LAST] == 1
             inp_b, sp = _take(inputs, bm), _take(local, bp)
             need_w = (kind == _BK["B"]) | (kind == _BK["W"])
@@ -350,15 +397,15 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
             ge = jax.tree.map(lambda acc, a, b: acc + jnp.where(need_w, a, 0) + b, c["ge"], de_head, de_embed)
 
             # ---- sends: slot 0 = forward activation, slot 1 = backward gradient
-            def lane(value, dest, dph, k, want):
+            def lane(value, dest, dph, dslot, want):  # (value, [phase, slot] on the receiving rank)
                 ok = dest == want
                 return jnp.where(ok, value, jnp.zeros_like(value)), jnp.stack([jnp.where(ok, dph, 0),
-                                                                               jnp.where(ok, k, slots)])
+                                                                               jnp.where(ok, dslot, slots)])
 
             msgs = {}
             for d in (_RIGHT, _LEFT, _LOCAL):
-                (fv, fm_), (bv, bm_) = lane(h_f, row[_F_DEST], row[_F_DPH], fk, d), lane(
-                    dx, row[_B_DEST], row[_B_DPH], bk, d)
+                (fv, fm_), (bv, bm_) = lane(h_f, row[_F_DEST], row[_F_DPH], row[_F_DSLOT], d), lane(
+                    dx, row[_B_DEST], row[_B_DPH], row[_B_DSLOT], d)
                 msgs[d] = (jnp.stack([fv, bv]), jnp.stack([fm_, bm_]))
             r = jax.lax.axis_index(axis)
             arrivals = [(msgs[_LOCAL], True)]

@@ -96,3 +96,41 @@ def test_tick_table_keeps_order_and_dependencies(name, ranks, mb):
                 assert nxt < t
         if kind == "W":
             assert tick["b", chain, stage, m] < t
+
+
+@pytest.mark.parametrize("name,ranks,mb", [(n, r, m) for n in SCHEDULES for r in (2, 4) for m in (2 * r, 6 * r)
+                                           if not (n == "dualpipe" and m % 2)])
+def test_buffer_slots_hold_each_micro_batch_until_its_last_read(name, ranks, mb):
+    """Replays the tick table at the level of the buffers (the executor's order within a tick: forward read,
+    forward write, backward read, arrivals) and checks that every read finds the micro-batch the op is for: a slot
+    is never reused while a micro-batch still needs it. And slots are reused: as many as micro-batches in flight,
+    not one per micro-batch."""
+    s = make_schedule(name, ranks, mb)
+    table, _ = tick_table(s)
+    held = {}  # (rank, phase, slot, 'x' input | 'g' output gradient / head input) -> micro-batch
+    step = {1: 1, 2: -1, 3: 0}  # destination code (right, left, local) -> rank offset
+    for t in range(table.shape[1]):
+        arrivals = []
+        for r in range(ranks):
+            on, p, slot, m, first, last, dest, dph = table[r, t, :8]
+            if on:
+                if not first:
+                    assert held[r, p, slot, "x"] == m, (r, t)
+                for kind, write in (("x", first), ("g", last)):
+                    if write:
+                        held[r, p, slot, kind] = m
+                if dest:
+                    arrivals.append(((r + step[dest], dph, table[r, t, 16], "x"), m))
+            kind, p, slot, m, first, last, dest, dph = table[r, t, 8:16]
+            if kind:
+                assert held[r, p, slot, "x"] == m and held[r, p, slot, "g"] == m, (r, t)
+                if dest:
+                    arrivals.append(((r + step[dest], dph, table[r, t, 17], "g"), m))
+        for key, m in arrivals:
+            held[key] = m
+    slots = program_shape(s)[2]
+    per_stage = mb // 2 if name == "dualpipe" else mb  # micro-batches through each stage copy
+    if name == "gpipe":  # all forwards before any backward: every micro-batch is in flight
+        assert slots == per_stage
+    else:
+        assert slots <= 2 * ranks < per_stage or mb <= 2 * ranks, slots
