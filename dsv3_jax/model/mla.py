@@ -73,42 +73,89 @@ def masked_softmax(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) ->
     return e / total
 
 
+QUERY_BLOCK = 512  # query rows per step of the attention core: [B, H, 512, S] scores at a time
+
+
 def attention_core(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSV: jax.Array, mask_BTS: jax.Array,
-                   scale: float) -> jax.Array:
+                   scale: float, query_block: int = QUERY_BLOCK) -> jax.Array:
     """o [B,H,T,V] = softmax(scale * q.k^T where mask) . v, the softmax in float32 and the probabilities cast to
     v's dtype before the product (masked_softmax's rule; a fully masked row gives zeros).
 
     Its backward keeps only q, k, v, o and the per-row log-sum-exp, and recomputes the probabilities from them, as
     fused attention kernels do: the [B,H,T,S] probabilities are never saved for the backward (at DeepSeek-V3's
     4096 tokens they are the largest activation of a layer), and the backward is the five matmuls of the
-    closed form dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = scale dS K, dK = scale dS^T Q."""
-    return _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale)[0]
+    closed form dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = scale dS K, dK = scale dS^T Q.
+    Forward and backward run over blocks of `query_block` query rows (a softmax row needs only its own scores),
+    so at most [B, H, query_block, S] scores exist at a time (the last block padded with masked rows)."""
+    return _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, query_block)[0]
 
 
 def _scores(q_BHTK, k_BHSK, mask_BTS, scale):
     return _masked_scores(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale):
-    e, total, m = _softmax_parts(_scores(q_BHTK, k_BHSK, mask_BTS, scale))
-    return (e / total).astype(v_BHSV.dtype) @ v_BHSV, m + jnp.log(total)
+def _query_blocks(block: int, *xs_BHT):
+    """Blocks [n, ...] of `block` rows along the query axis (axis 2 of [B, H, T, ...], 1 of the mask [B, T, S]),
+    zero-padded (a padded mask row is False); with one block, the arrays unchanged."""
+    t = xs_BHT[0].shape[2]
+    if t <= block:
+        return xs_BHT
+    n = -(-t // block)
+
+    def split(x, axis):
+        x = jnp.pad(x, [(0, n * block - t) if i == axis else (0, 0) for i in range(x.ndim)])
+        return jnp.moveaxis(x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:]), axis, 0)
+
+    return tuple(split(x, 1 if x.ndim == 3 else 2) for x in xs_BHT)
 
 
-def _attention_core_fwd(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale):
-    o, lse = _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale)
+def _join_query_blocks(t: int, x_nBHb):
+    """[B, H, T, ...] from _query_blocks' [n, B, H, block, ...] (padding dropped)."""
+    x = jnp.moveaxis(x_nBHb, 0, 2)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block):
+    def rows(q, mask):
+        e, total, m = _softmax_parts(_scores(q, k_BHSK, mask, scale))
+        return (e / total).astype(v_BHSV.dtype) @ v_BHSV, m + jnp.log(total)
+
+    t = q_BHTK.shape[2]
+    if t <= block:
+        return rows(q_BHTK, mask_BTS)
+    o, lse = jax.lax.map(lambda a: rows(*a), _query_blocks(block, q_BHTK, mask_BTS))
+    return _join_query_blocks(t, o), _join_query_blocks(t, lse)
+
+
+def _attention_core_fwd(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block):
+    o, lse = _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block)
     return (o, lse), (q_BHTK, k_BHSK, v_BHSV, mask_BTS, o, lse)
 
 
-def _attention_core_bwd(scale, res, cotangents):
+def _attention_core_bwd(scale, block, res, cotangents):
     q, k, v, mask, o, lse = res
-    do = cotangents[0]
-    p = jnp.exp(_scores(q, k, mask, scale) - lse)  # float32, zeros where masked
-    dv = jnp.swapaxes(p.astype(v.dtype), -1, -2) @ do.astype(v.dtype)
-    dp = (do @ jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta) * scale).astype(q.dtype)
-    dq, dk = ds @ k, jnp.swapaxes(ds, -1, -2) @ q
+    f32 = jnp.float32
+
+    def rows(q, mask, o, lse, do):  # dq of these query rows, and their float32 parts of dk and dv
+        p = jnp.exp(_scores(q, k, mask, scale) - lse)  # float32, zeros where masked
+        dv = jnp.matmul(jnp.swapaxes(p.astype(v.dtype), -1, -2), do.astype(v.dtype), preferred_element_type=f32)
+        dp = (do @ jnp.swapaxes(v, -1, -2)).astype(f32)
+        delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+        ds = (p * (dp - delta) * scale).astype(q.dtype)
+        return ds @ k, jnp.matmul(jnp.swapaxes(ds, -1, -2), q, preferred_element_type=f32), dv
+
+    t = q.shape[2]
+    if t <= block:
+        dq, dk, dv = rows(q, mask, o, lse, cotangents[0])
+    else:
+        def step(acc, blk):
+            dq, dk, dv = rows(*blk)
+            return (acc[0] + dk, acc[1] + dv), dq
+
+        zeros = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+        (dk, dv), dq = jax.lax.scan(step, zeros, _query_blocks(block, q, mask, o, lse, cotangents[0]))
+        dq = _join_query_blocks(t, dq)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), np.zeros(mask.shape, jax.dtypes.float0)
 
 
