@@ -146,7 +146,9 @@ class Transformer(nnx.Module):
     # -- pieces shared with inference --
     @jax.named_scope("embed")
     def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.precision.compute_dtype)
+        from sharding.rules import embedding_lookup  # jnp.take, per data-parallel rank under a mesh
+
+        return embedding_lookup(self.embed[...], tokens_BT).astype(self.precision.compute_dtype)
 
     @jax.named_scope("head")
     def output_head(self, h_BTD: jax.Array) -> jax.Array:

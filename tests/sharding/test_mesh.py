@@ -150,3 +150,30 @@ def test_cli_and_train_refuse_bad_meshes(tmp_path, capsys):
         train(RunArgs(workdir=str(tmp_path / "b"), steps=1, mesh="pp=2"))
     with pytest.raises(ValueError, match="there are 8"):
         train(RunArgs(workdir=str(tmp_path / "c"), steps=1, mesh="dp=4,ep=4", data=[str(tmp_path / "x.txt")]))
+
+
+def test_embedding_lookup_is_per_rank_and_its_gradient_sums_over_ranks():
+    """sharding.rules.embedding_lookup under a dp=2,ep=4 mesh: the values and the table gradient of a plain
+    jnp.take (tokens [D, B, T] as the MTP modules look them up), and the lookup runs per data-parallel rank: no
+    gather of the [.., B, T, D] gradient (the partitioner's choice for the plain lookup under the pipeline)."""
+    from sharding.rules import embedding_lookup
+
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((50, 6)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 8, 5)), jnp.int32)
+    tokens = tokens.at[:, :, 0].set(7)  # a token every rank looks up
+    w = jnp.asarray(rng.standard_normal((2, 8, 5, 6)), jnp.float32)
+
+    def loss(lookup, t):
+        return jnp.sum(lookup(t, tokens) * w)
+
+    plain = lambda t, i: jnp.take(t, i, axis=0)  # noqa: E731
+    expected = jax.value_and_grad(lambda t: loss(plain, t))(table)
+    mesh = build_mesh("dp=2,ep=4")
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(lambda t: loss(embedding_lookup, t)))
+        got = step(table)
+        hlo = step.lower(table).compile().as_text()
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)
+    assert "all-gather" not in hlo and "all-reduce" in hlo  # each rank's tokens stay; the table gradient is summed
