@@ -217,7 +217,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = TrainSettings(global_batch=args.global_batch, seq_len=args.seq_len, micro_batch=args.micro_batch,
                              schedule=args.schedule, precision=args.precision,
                              gemm_efficiency=args.gemm_efficiency, attention_efficiency=args.attention_efficiency,
-                             comm_sms=args.comm_sms, tokens=args.tokens, master_weights=args.master_weights)
+                             comm_sms=args.comm_sms, tokens=args.tokens, master_weights=args.master_weights,
+                             edges=args.edges)
     cfg = _load_config(args)
     if args.set:
         cfg = apply_overrides(cfg, args.set)
@@ -238,9 +239,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg, mesh_spec, seq_len=settings.seq_len, micro_batch=settings.micro_batch,
         microbatches=result["micro_batches_per_step"], pipeline=None if result["pp"] == 1 else settings.schedule,
         precision=settings.precision, remat=args.remat)
-    # compared with the planner's figure for what the code holds: the compiled precision, FP32 weights held whole
+    # compared with the planner's figure for what the code holds: the compiled precision, FP32 weights held whole,
+    # the edges on every pp rank
     estimate = plan(cfg, mesh, hardware, dataclasses.replace(settings, precision=compiled["precision"],
-                                                             master_weights="whole"), gpus=args.gpus)
+                                                             master_weights="whole", edges="replicated"),
+                    gpus=args.gpus)
     compiled |= {"planner_bytes": estimate["total_bytes"], "planner_state_bytes": estimate["state_bytes"],
                  "ratio": compiled["peak_bytes"] / estimate["total_bytes"],
                  "state_ratio": compiled["argument_bytes"] / estimate["state_bytes"]}
@@ -458,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--master-weights", default=d.master_weights, choices=["sharded", "whole"],
                     help="sharded: the paper's ZeRO-1 (BF16 weights, FP32 master sharded); whole: this code's "
                          "(FP32 weights held whole, moments sharded)")
+    pn.add_argument("--edges", default=d.edges, choices=["own", "replicated"],
+                    help="where embedding, dense blocks, MTP and head live under pp: own: on their stages' ranks "
+                         "(the paper); replicated: on every pp rank (this code's pipeline state)")
     pn.add_argument("--memory-gb", type=float, help="device memory in GB (default: the hardware's)")
     pn.add_argument("--compile", action="store_true",
                     help="also lower and compile the real train step for the mesh on as many fake CPU devices "

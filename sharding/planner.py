@@ -23,6 +23,7 @@ from sharding.mesh import MESH_AXES
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
 PRECISIONS = ("fp8", "bf16")
 MASTER_WEIGHTS = ("sharded", "whole")
+EDGES = ("own", "replicated")
 _OVERLAPPED = ("dualpipe", "dualpipev")  # schedules that pair a forward and a backward chunk (paper §3.2.1)
 
 
@@ -78,6 +79,10 @@ class TrainSettings:
     # moments); "whole": this code's ZeRO-1 (sharding.rules 'zero1': FP32 weights held whole and cast to the
     # compute dtype where used, only the AdamW moments sharded), what `dsv3 plan --compile` measures
     master_weights: str = "sharded"
+    # Where the units other than MoE blocks (embedding, dense blocks, MTP modules, head) live under pp: "own" on
+    # their stages' ranks (the paper); "replicated" on every pp rank, as this code's pipeline state keeps them
+    # (sharding/pipeline_transformer.py: only the MoE stack is sharded over pp), what `--compile` measures.
+    edges: str = "own"
 
     def validate(self) -> "TrainSettings":
         """Raise ValueError naming the setting; return self."""
@@ -95,6 +100,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         if self.master_weights not in MASTER_WEIGHTS:
             raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
+        if self.edges not in EDGES:
+            raise ValueError(f"edges must be one of {EDGES}, got {self.edges!r}")
         if not (isinstance(self.tokens, (int, float)) and self.tokens > 0):
             raise ValueError(f"tokens must be positive, got {self.tokens!r}")
         return self
@@ -348,8 +355,11 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
 
     def memory(r: int) -> dict:
         ids_r = [i for i, _ in rank_stages[r]]
-        dense_p = sum(u.params - u.expert_params for i in ids_r for u in stages[i]) / tp
-        expert_p = sum(u.expert_params for i in ids_r for u in stages[i]) / (ep * tp)
+        held = [u for i in ids_r for u in stages[i]]
+        if s.edges == "replicated" and pp > 1:
+            held = [u for u in held if u.kind == "moe"] + [u for st in stages for u in st if u.kind != "moe"]
+        dense_p = sum(u.params - u.expert_params for u in held) / tp
+        expert_p = sum(u.expert_params for u in held) / (ep * tp)
         sharded = dense_p / zero_dense + expert_p / zero_expert
         chunk_act = max(sum(u.act_bytes for u in stages[i]) for i in ids_r) * mb_tokens / tp
         whole = s.master_weights == "whole"  # FP32 weights held whole instead of BF16 + sharded FP32 master

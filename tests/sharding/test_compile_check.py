@@ -1,6 +1,7 @@
 """The compile-only scale check (sharding/compile_check.py, `dsv3 plan --compile`) and the sharded initialisation
 of train.loop.initial_state, in-process on the test session's 8 CPU devices (one CLI subprocess run)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -133,3 +134,27 @@ def test_planner_state_matches_the_sharded_train_state(spec):
     assert p["state_bytes"] == pytest.approx(_per_device_bytes(state), rel=0.01)
     paper = plan(CFG, parse_mesh_spec(spec), settings=TrainSettings(global_batch=8, seq_len=32, precision="bf16"))
     assert paper["param_bytes"] == p["param_bytes"] / 2  # BF16 working weights instead of FP32
+
+
+def test_planner_state_matches_the_pipeline_train_state():
+    """Under pp the train state keeps the MoE stack sharded over pp and the edges (embedding, dense layers, MTP,
+    head) on every pp rank: the planner with edges='replicated' (and master_weights='whole') counts its bytes per
+    device; with the paper's edges ('own'), each rank counts fewer. (5 layers, no MTP: the code's cost-balanced
+    stage layout is then the planner's split, 2 MoE layers per stage; the 3-layer `tiny` puts both MoE layers on
+    the first stage and stores zero padding slots on the second, which the planner does not model.)"""
+    from dsv3_jax.train.loop import RunArgs, pipeline_schedule
+    from sharding.mesh import parse_mesh_spec
+    from sharding.planner import TrainSettings, plan
+
+    cfg = dataclasses.replace(CFG, num_hidden_layers=5, num_mtp_layers=0)
+    spec = "pp=2,ep=2"
+    args = RunArgs(workdir="unused", steps=1, preset="tiny", mesh=spec, pipeline="1f1b", batch=8, seq_len=32)
+    _, layout = pipeline_schedule(args, cfg)
+    mesh = build_mesh(spec, cfg, devices=jax.devices()[:4])
+    _, _, state, _ = initial_state(cfg, Precision.named("bf16"), seed=0, lr=constant_schedule(1e-4), mesh=mesh,
+                                   abstract=True, pipeline=layout)
+    settings = TrainSettings(global_batch=8, seq_len=32, precision="bf16", schedule="1f1b", master_weights="whole")
+    p = plan(cfg, parse_mesh_spec(spec), settings=dataclasses.replace(settings, edges="replicated"))
+    assert p["state_bytes"] == pytest.approx(_per_device_bytes(state), rel=0.01)
+    own = plan(cfg, parse_mesh_spec(spec), settings=settings)
+    assert own["state_bytes"] < p["state_bytes"]

@@ -95,6 +95,19 @@ def test_dualpipe_doubles_parameters_and_holds_pp_plus_one_chunks():
     assert one["chunks_in_flight"] == 1  # its fullest rank is the last one
 
 
+def test_replicated_edges_put_every_non_moe_unit_on_every_rank():
+    """edges='replicated' (this code's pipeline state: only the MoE stack sharded over pp): each rank holds its
+    MoE blocks plus the embedding, dense block, MTP module and head."""
+    own = _tiny("pp=2,dp=2,ep=2")
+    rep = _tiny("pp=2,dp=2,ep=2", edges="replicated")
+    moe_dense, moe_expert = 22728, 49152  # one MoE block per stage
+    edges_dense, edges_expert = 32768 + 40640 + 31112 + 32832, 49152  # embedding, dense, MTP, head
+    assert rep["params_per_device"] == moe_dense + edges_dense + (moe_expert + edges_expert) / 2
+    assert rep["params_per_device"] > own["params_per_device"] == STAGE1_DENSE + STAGE1_EXPERT / 2
+    with pytest.raises(ValueError, match="edges must be one of"):
+        _tiny("pp=2", edges="nowhere")
+
+
 def test_single_device_compute_is_flops_over_peak():
     eff = 0.5
     p = plan(V3, {}, "h800", TrainSettings(precision="bf16", gemm_efficiency=eff, attention_efficiency=eff))
