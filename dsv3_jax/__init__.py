@@ -25,6 +25,7 @@ def cpu_collective_threads(devices: int | None = None) -> None:
     if devices > 1:  # XLA's own size plus up to 3 per device (at most 256 more: a large mesh is for compiling)
         os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, devices + min(3 * devices, 256))))
 
+
 __all__ = ["cpu_collective_threads", "ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "Precision", "from_pretrained", "save_pretrained"]
 
 cpu_collective_threads()  # before the first jax computation (importing the modules above makes none)

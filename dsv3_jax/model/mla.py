@@ -96,10 +96,8 @@ def _scores(q_BHTK, k_BHSK, mask_BTS, scale):
 
 def _query_blocks(block: int, *xs_BHT):
     """Blocks [n, ...] of `block` rows along the query axis (axis 2 of [B, H, T, ...], 1 of the mask [B, T, S]),
-    zero-padded (a padded mask row is False); with one block, the arrays unchanged."""
+    zero-padded (a padded mask row is False)."""
     t = xs_BHT[0].shape[2]
-    if t <= block:
-        return xs_BHT
     n = -(-t // block)
 
     def split(x, axis):

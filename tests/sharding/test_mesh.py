@@ -155,7 +155,8 @@ def test_cli_and_train_refuse_bad_meshes(tmp_path, capsys):
 def test_embedding_lookup_is_per_rank_and_its_gradient_sums_over_ranks():
     """sharding.rules.embedding_lookup under a dp=2,ep=4 mesh: the values and the table gradient of a plain
     jnp.take (tokens [D, B, T] as the MTP modules look them up), and the lookup runs per data-parallel rank: no
-    gather of the [.., B, T, D] gradient (the partitioner's choice for the plain lookup under the pipeline)."""
+    gather, the table gradient all-reduced. (At this size the partitioner also keeps a plain lookup local; the
+    gather it chose for the plain lookup inside the V3 pipeline step shows only in `dsv3 plan --compile`.)"""
     from sharding.rules import embedding_lookup
 
     rng = np.random.default_rng(0)
