@@ -2,7 +2,7 @@
 
 Stage parameters live in a stored layout [ranks, homes, ...] sharded over 'pp': each stage once, on the rank that
 runs it in the schedule's first chain (`stage_homes`), so a rank holds only its own stages. Inside the step each
-rank builds the [phases, ...] copies its schedule runs: DualPipe runs stage s on ranks s and PP-1-s, so rank
+rank holds the stage copies its schedule runs: DualPipe runs stage s on ranks s and PP-1-s, so rank
 PP-1-s receives it by a `ppermute` from rank s, and the two copies' gradients (and aux) are summed back into the
 stored one by the reverse `ppermute`; DualPipeV (stages r and 2n-1-r) and the one-direction schedules store every
 stage they run. The edge parameters (embedding, head, ...) are replicated;
@@ -41,10 +41,10 @@ _NONE, _RIGHT, _LEFT, _LOCAL = 0, 1, 2, 3
 _BK = {"B": 1, "b": 2, "W": 3}
 # tick-table columns: forward lane, then backward lane (kind 0 = idle), then the slot on the receiving rank of
 # what each lane sends
-_F_ON, _F_PH, _F_SLOT, _F_M, _F_FIRST, _F_LAST, _F_DEST, _F_DPH = range(8)
-_B_KIND, _B_PH, _B_SLOT, _B_M, _B_FIRST, _B_LAST, _B_DEST, _B_DPH = range(8, 16)
-_F_DSLOT, _B_DSLOT = 16, 17
-_COLS = 18
+_F_ON, _F_PH, _F_SLOT, _F_M, _F_FIRST, _F_LAST, _F_DEST = range(7)
+_B_KIND, _B_PH, _B_SLOT, _B_M, _B_FIRST, _B_LAST, _B_DEST = range(7, 14)
+_F_DSLOT, _B_DSLOT = 14, 15
+_COLS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +67,9 @@ class PipelineModel:
 
 
 def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    """(table [ranks, ticks, 18] int32, stage_index [ranks, phases] int32): each op's tick is its start in
+    """(table [ranks, ticks, 16] int32, stage_index [ranks, phases] int32): each op's tick is its start in
     `pipeline.simulate` with unit costs (an op runs at least one tick after its dependencies and after the rank's
-    previous op); each micro-batch's buffer slot on a rank's stage copy from `_slots`."""
+    previous op); each micro-batch's buffer slot on a rank from `_slots`."""
     where: dict[tuple[int, int], tuple[int, int]] = {}  # (chain, stage) -> (rank, phase)
     for r, phases in enumerate(schedule.place):
         for p, cs in enumerate(phases):
@@ -87,30 +87,30 @@ def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
     def dest(r, chain, stage, step):
         s2 = stage + step
         if s2 < 0 or s2 > last:
-            return _NONE, 0
-        r2, p2 = where[(chain, s2)]
+            return _NONE
+        r2 = where[(chain, s2)][0]
         if abs(r2 - r) > 1:
             raise ValueError(f"{schedule.name}: stages {stage} and {s2} sit on ranks {r} and {r2}; the executor "
                              "only sends to neighbouring ranks")
-        return {1: _RIGHT, -1: _LEFT, 0: _LOCAL}[r2 - r], p2
+        return {1: _RIGHT, -1: _LEFT, 0: _LOCAL}[r2 - r]
 
     for (kind, chain, stage, m), t in tick.items():
         r, p = where[(chain, stage)]
         first, is_last = int(stage == 0), int(stage == last)
         step = 1 if kind == "F" else -1 if kind in "Bb" else 0
-        d = dest(r, chain, stage, step) if step else (_NONE, 0)
-        to = slot.get((chain, stage + step, m), 0) if d[0] != _NONE else 0
+        d = dest(r, chain, stage, step) if step else _NONE
+        to = slot.get((chain, stage + step, m), 0) if d != _NONE else 0
         if kind == "F":
-            row = table[r, t, :8]
-            if row[_F_ON]:
+            row = table[r, t, _F_ON:_F_DEST + 1]
+            if row[0]:
                 raise ValueError(f"{schedule.name}: two forwards on rank {r} at tick {t}")
-            row[:] = (1, p, slot[chain, stage, m], m, first, is_last) + d
+            row[:] = (1, p, slot[chain, stage, m], m, first, is_last, d)
             table[r, t, _F_DSLOT] = to
         else:
-            row = table[r, t, 8:16]
+            row = table[r, t, _B_KIND:_B_DEST + 1]
             if row[0]:
                 raise ValueError(f"{schedule.name}: two backward chunks on rank {r} at tick {t}")
-            row[:] = (_BK[kind], p, slot[chain, stage, m], m, first, is_last) + d
+            row[:] = (_BK[kind], p, slot[chain, stage, m], m, first, is_last, d)
             table[r, t, _B_DSLOT] = to
     stage_index = np.array([[s for _, s in ph] for ph in schedule.place], np.int32)
     return table, stage_index
@@ -119,10 +119,11 @@ def tick_table(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
 def _slots(tick: dict, where: dict, last: int) -> dict:
     """{(chain, stage, m): buffer slot}: where the rank running (chain, stage) keeps micro-batch m's stage input
     and output gradient, from their first write to their last read; micro-batches whose lifetimes do not overlap
-    share a slot, so a stage copy needs as many slots as it has micro-batches in flight (DualPipe: about the
-    number of ranks), not one per micro-batch. Times within tick t: 4t the forward lane reads its input, 4t+1 it
-    writes the embedding output (first stage) or the head input (last), 4t+2 the backward lane reads both, 4t+3
-    the arrivals from the neighbours are written."""
+    share a slot, whichever of the rank's stages they are at, so a rank needs as many slots as it has
+    micro-batches in flight (DualPipe: the number of ranks + 2, over both its stages), not one per micro-batch.
+    Times within tick t: 4t the forward lane reads its input, 4t+1 it writes the embedding output (first stage)
+    or the head input (last), 4t+2 the backward lane reads both, 4t+3 the arrivals from the neighbours are
+    written."""
     span: dict = {}  # (chain, stage, m) -> [first write, last read]
 
     def use(key, time, write):
@@ -142,9 +143,9 @@ def _slots(tick: dict, where: dict, last: int) -> dict:
             use((chain, stage, m), 4 * t + 2, False)
             if kind in "Bb" and stage > 0:
                 use((chain, stage - 1, m), 4 * t + 3, True)
-    slot, busy = {}, {}  # busy: (chain, stage) -> per slot, the last read of its current micro-batch
+    slot, busy = {}, {}  # busy: rank -> per slot, the last read of its current micro-batch
     for key, (lo, hi) in sorted(span.items(), key=lambda kv: kv[1][0]):
-        ends = busy.setdefault(key[:2], [])
+        ends = busy.setdefault(where[key[:2]][0], [])
         free = [i for i, end in enumerate(ends) if end < lo]
         i = free[0] if free else len(ends)
         ends[i:i + 1] = [hi]
@@ -164,31 +165,43 @@ def stage_homes(schedule: Schedule) -> np.ndarray:
     return np.array(homes, np.int32)
 
 
-def _copy_plan(schedule: Schedule, homes: np.ndarray):
-    """For each phase p: {home slot h: (local ranks [bool, ranks], ppermute pairs ((src, dst), ...))}: rank r's
-    phase-p stage is its own stored[h] (local) or arrives from rank src's stored[h]."""
+def _copy_plan(schedule: Schedule, homes: np.ndarray) -> tuple[tuple, tuple]:
+    """(held, arrivals): the stage copies each rank holds, and which of them each of its phases runs.
+
+    A rank holds its stored stages (copies 0..homes-1, used in place) and then one copy per arrival: arrival a =
+    (h, pairs) is a ppermute of every rank's stored[h] over `pairs` (src, dst), each rank sending and receiving at
+    most once, so the copy costs one buffer on every rank. held[r][p] is the copy rank r's phase p runs. DualPipe's
+    second copies (stage s also on rank PP-1-s) are a single arrival r -> PP-1-r; DualPipeV and the one-direction
+    schedules store every stage they run (no arrival)."""
     where = {int(s): (r, h) for r in range(homes.shape[0]) for h, s in enumerate(homes[r])}
-    plan = []
-    for p in range(len(schedule.place[0])):
-        by_h: dict[int, tuple[np.ndarray, list]] = {}
+    homes_n = homes.shape[1]
+    held = np.zeros((schedule.ranks, len(schedule.place[0])), np.int32)
+    arrivals: list[tuple[int, list[tuple[int, int]]]] = []
+    for p in range(held.shape[1]):
         for r, phases in enumerate(schedule.place):
             src, h = where[phases[p][1]]
-            local, pairs = by_h.setdefault(h, (np.zeros(schedule.ranks, bool), []))
             if src == r:
-                local[r] = True
+                held[r, p] = h
+                continue
+            for a, (ah, pairs) in enumerate(arrivals):  # an arrival already bringing it, or with room for it
+                if ah == h and ((src, r) in pairs or all(s != src and d != r for s, d in pairs)):
+                    break
             else:
+                a, pairs = len(arrivals), []
+                arrivals.append((h, pairs))
+            if (src, r) not in pairs:
                 pairs.append((src, r))
-        plan.append({h: (local, tuple(pairs)) for h, (local, pairs) in by_h.items()})
-    return plan
+            held[r, p] = homes_n + a
+    return tuple(map(tuple, held.tolist())), tuple((h, tuple(pairs)) for h, pairs in arrivals)
 
 
 def _take(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
-def _put(buf, i, j, value):
-    """buf[i, j] = value for a [P, C, ...] buffer."""
-    return jax.lax.dynamic_update_slice(buf, value[None, None].astype(buf.dtype), (i, j) + (0,) * value.ndim)
+def _put(buf, i, value):
+    """buf[i] = value."""
+    return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), i, 0)
 
 
 def program_shape(schedule: Schedule) -> tuple[int, int, int]:
@@ -241,9 +254,8 @@ def pipeline_value_and_grad(model: PipelineModel, schedule: Schedule, mesh: jax.
         raise ValueError(f"pad_to {pad_to} is smaller than what {schedule.name} needs: (ticks, stages per rank, "
                          f"slots) = {need}")
     table = np.pad(table, ((0, 0), (0, ticks - need[0]), (0, 0)))
-    plan = _copy_plan(schedule, homes)
-    plan = tuple(tuple((h, tuple(bool(b) for b in local), pairs) for h, (local, pairs) in sorted(ph.items()))
-                 for ph in plan + [plan[0]] * (phases - need[1]))
+    held, arrivals = _copy_plan(schedule, homes)
+    plan = (tuple(row + row[:1] * (phases - need[1]) for row in held), arrivals)  # padding phases: copy of phase 0
     # an Auto-typed view of the mesh: the executor only names the pipeline axis, inside its shard_map
     mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     run = _compiled(model, mesh, axis, slots, schedule.microbatches, plan)
@@ -269,46 +281,32 @@ def _compiled(model: PipelineModel, mesh, axis: str, slots: int, microbatches: i
     return _CACHE[key]
 
 
-def _gather_copies(stored, plan, r, axis):
-    """[phases, ...] stage copies of this rank from its stored [homes, ...] (DualPipe's second copies by ppermute)."""
-    out = []
-    for entries in plan:
-        if len(entries) == 1 and all(entries[0][1]):
-            out.append(_take(stored, entries[0][0]))  # every rank's own stage
-            continue
-        acc = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), stored)
-        for h, local, pairs in entries:
-            v = _take(stored, h)
-            acc = jax.tree.map(lambda a, b: jnp.where(jnp.asarray(local)[r], b, a), acc, v)
-            if pairs:
-                got = jnp.zeros(len(local), bool).at[np.array([d for _, d in pairs])].set(True)[r]
-                recv = jax.lax.ppermute(v, axis, list(pairs))
-                acc = jax.tree.map(lambda a, b: jnp.where(got, b, a), acc, recv)
-        out.append(acc)
+def _gather_copies(stored, arrivals, axis) -> list[Callable[[], Any]]:
+    """The stage copies this rank holds, as functions returning each one's pytree: its stored entries (`stored` is
+    the rank's [1, homes, ...] block), then one per arrival (`_copy_plan`). A lane calls the one it runs inside its
+    lax.switch branch: a stored stage is read in place there (indexed outside the tick loop, XLA copies it into the
+    loop's state), and the copies are never stacked (a stack, and each lane's slice of it, would be two more
+    copies of the rank's stages: 13 GB and 6.5 GB per device in FP32 at V3 under DualPipe)."""
+    homes_n = jax.tree.leaves(stored)[0].shape[1]
+    own = [lambda h=h: jax.tree.map(lambda a: a[0, h], stored) for h in range(homes_n)]
+    got = [jax.lax.ppermute(own[h](), axis, list(pairs)) for h, pairs in arrivals]
+    return own + [lambda v=v: v for v in got]
+
+
+def _scatter_copies(per_copy, homes_n, arrivals, axis):
+    """[homes, ...] sums of per-copy values (gradients, aux; one pytree per held copy) into each stage's stored
+    entry: an arrival's values go back to the rank it came from."""
+    out = list(per_copy[:homes_n])
+    for (h, pairs), value in zip(arrivals, per_copy[homes_n:]):
+        back = jax.lax.ppermute(value, axis, [(d, s) for s, d in pairs])  # zeros on a rank that sent nothing
+        out[h] = jax.tree.map(jnp.add, out[h], back)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
 
-def _scatter_copies(per_phase, homes_n, plan, r, axis):
-    """[homes, ...] sums of the [phases, ...] per-copy values (gradients, aux) into each stage's stored entry."""
-    acc = [None] * homes_n
-    add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
-    for p, entries in enumerate(plan):
-        g = _take(per_phase, p)
-        if len(entries) == 1 and all(entries[0][1]):
-            acc[entries[0][0]] = add(acc[entries[0][0]], g)
-            continue
-        for h, local, pairs in entries:
-            acc[h] = add(acc[h], jax.tree.map(lambda a: jnp.where(jnp.asarray(local)[r], a, jnp.zeros_like(a)), g))
-            if pairs:
-                sent = jnp.zeros(len(local), bool).at[np.array([s for s, _ in pairs])].set(True)[r]
-                back = jax.lax.ppermute(g, axis, [(d, s) for s, d in pairs])
-                acc[h] = add(acc[h], jax.tree.map(lambda a: jnp.where(sent, a, jnp.zeros_like(a)), back))
-    zeros = jax.tree.map(jnp.zeros_like, _take(per_phase, 0))
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *[zeros if a is None else a for a in acc])
-
-
 def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, stored, edge_params, inputs):
-    ranks, homes_n, phases = table.shape[0], jax.tree.leaves(stored)[0].shape[1], len(plan)
+    held, arrivals = plan
+    ranks, homes_n = table.shape[0], jax.tree.leaves(stored)[0].shape[1]
+    copies_n = homes_n + len(arrivals)
     one_stage = jax.tree.map(lambda a: a[0, 0], stored)
     inv_m = jnp.float32(1.0 / microbatches)
     x0 = jax.eval_shape(model.embed, edge_params, _take(inputs, 0))
@@ -323,21 +321,25 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
 
     def per_rank(table, stored, edge, inputs):
-        table, stored = table[0], jax.tree.map(lambda a: a[0], stored)
+        table = table[0]
         r_me = jax.lax.axis_index(axis)
         # The barriers order the copies' ppermutes after every input and before every output on all devices alike:
         # the CPU runtime may otherwise run independent collectives in a different order on different devices
         # and deadlock (seen with DualPipe: one device in the pp ppermute, its ep partner in an all-gather).
         stored, edge, inputs = jax.lax.optimization_barrier((stored, edge, inputs))
-        local = _gather_copies(stored, plan, r_me, axis)  # [phases, ...]
+        local = _gather_copies(stored, arrivals, axis)  # the stage copies this rank holds
+        copy_of = jnp.asarray(held, jnp.int32)[r_me]  # [phases] -> index into local
+
+        def on_phase(fn, ph):  # fn(stage params of phase ph), chosen by a switch (no copy of the weights)
+            return jax.lax.switch(copy_of[ph], [lambda get=get: fn(get()) for get in local])
         zeros_h = jnp.zeros(x0.shape, x0.dtype)
         zero_e = jax.tree.map(jnp.zeros_like, edge)
-        # x[p, i]: the stage input of the micro-batch in slot i (the embedding output on the first stage); g[p, i]:
-        # its output gradient, or on the last stage its output (the head's input). Slot `slots` is a discard slot.
-        buf = jnp.zeros((phases, slots + 1) + x0.shape, x0.dtype)
-        carry = dict(x=buf, g=buf, gp=jax.tree.map(jnp.zeros_like, local), ge=zero_e,
+        # x[i]: the stage input of the micro-batch in slot i (the embedding output on the first stage); g[i]: its
+        # output gradient, or on the last stage its output (the head's input). Slot `slots` is a discard slot.
+        buf = jnp.zeros((slots + 1,) + x0.shape, x0.dtype)
+        carry = dict(x=buf, g=buf, gp=[jax.tree.map(jnp.zeros_like, get()) for get in local], ge=zero_e,
                      loss=jnp.zeros((), jnp.float32),
-                     sa=jax.tree.map(lambda a: jnp.zeros((phases,) + a.shape, a.dtype), aux_s), ha=zeros_of(aux_h))
+                     sa=jax.tree.map(lambda a: jnp.zeros((copies_n,) + a.shape, a.dtype), aux_s), ha=zeros_of(aux_h))
 
         def tick(c, row):
             x_buf, g_buf = c["x"], c["g"]
@@ -347,42 +349,44 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
             inp = _take(inputs, fm)
 
             def fwd():
-                x = jax.lax.cond(ffirst, lambda: model.embed(edge, inp).astype(x0.dtype), lambda: x_buf[fp, fk])
-                h, term, aux = model.stage(_take(local, fp), x, inp)
+                x = jax.lax.cond(ffirst, lambda: model.embed(edge, inp).astype(x0.dtype), lambda: x_buf[fk])
+                h, term, aux = on_phase(lambda sp: model.stage(sp, x, inp), fp)
                 loss, head_aux = jax.lax.cond(flast, lambda: (lambda o: (f32(o[0]), o[1]))(model.head(edge, h, inp)),
                                               lambda: (f32(0), zeros_of(aux_h)))
                 return x, h, f32(term) + loss, aux, head_aux
 
             x_f, h_f, loss, aux, head_aux = jax.lax.cond(
                 f_on, fwd, lambda: (zeros_h, zeros_h, f32(0), zeros_of(aux_s), zeros_of(aux_h)))
-            x_buf = _put(x_buf, fp, jnp.where(f_on & ffirst, fk, slots), x_f)
-            g_buf = _put(g_buf, fp, jnp.where(f_on & flast, fk, slots), h_f)
+            x_buf = _put(x_buf, jnp.where(f_on & ffirst, fk, slots), x_f)
+            g_buf = _put(g_buf, jnp.where(f_on & flast, fk, slots), h_f)
 
             # ---- backward lane: [head vjp] -> stage vjp (input and/or weights) -> [embed vjp]
             kind, bp, bk, bm = row[_B_KIND], row[_B_PH], row[_B_SLOT], row[_B_M]
             bfirst, blast = row[_B_FIRST] == 1, row[_B_LAST] == 1
-            inp_b, sp = _take(inputs, bm), _take(local, bp)
+            inp_b = _take(inputs, bm)
             need_w = (kind == _BK["B"]) | (kind == _BK["W"])
             # the first stage has no input gradient to send; its W needs one for the embedding's weights
             need_x = jnp.where(bfirst, need_w, (kind == _BK["B"]) | (kind == _BK["b"]))
 
             def head_vjp():
-                _, vjp = jax.vjp(lambda e, h: head_fn(e, h, inp_b), edge, g_buf[bp, bk])
+                _, vjp = jax.vjp(lambda e, h: head_fn(e, h, inp_b), edge, g_buf[bk])
                 return vjp(inv_m)
 
-            de_head, g_out = jax.lax.cond((kind > 0) & blast, head_vjp, lambda: (zero_e, g_buf[bp, bk]))
-            x_in, cot = x_buf[bp, bk], (g_out, inv_m)
-            zero_p = jax.tree.map(jnp.zeros_like, sp)
+            de_head, g_out = jax.lax.cond((kind > 0) & blast, head_vjp, lambda: (zero_e, g_buf[bk]))
+            # edge gradients go into the accumulator as soon as they exist (the head's [D, V] one is 3.7 GB at V3)
+            ge = jax.tree.map(lambda acc, a: acc + jnp.where(need_w, a, 0), c["ge"], de_head)
+            x_in, cot = x_buf[bk], (g_out, inv_m)
+            zero_p = jax.tree.map(jnp.zeros_like, local[0]())
 
             def stage_vjp(wrt_x: bool, wrt_w: bool):
-                def run():
+                def run(sp):
                     if wrt_x and wrt_w:
                         _, vjp = jax.vjp(lambda p, x: stage_fn(p, x, inp_b), sp, x_in)
                         return vjp(cot)
                     if wrt_x:
                         return zero_p, jax.vjp(lambda x: stage_fn(sp, x, inp_b), x_in)[1](cot)[0]
                     return jax.vjp(lambda p: stage_fn(p, x_in, inp_b), sp)[1](cot)[0], zeros_h
-                return run
+                return lambda: on_phase(run, bp)
 
             branches = (lambda: (zero_p, zeros_h), stage_vjp(True, False), stage_vjp(False, True),
                         stage_vjp(True, True))
@@ -393,19 +397,19 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
                 return vjp(dx)[0]
 
             de_embed = jax.lax.cond(need_w & bfirst, embed_vjp, lambda: zero_e)
-            gp = jax.tree.map(lambda acc, d: acc.at[bp].add(d), c["gp"], dp)
-            ge = jax.tree.map(lambda acc, a, b: acc + jnp.where(need_w, a, 0) + b, c["ge"], de_head, de_embed)
+            gp = [jax.tree.map(lambda acc, d: acc + jnp.where(copy_of[bp] == k, d, 0), g, dp)
+                  for k, g in enumerate(c["gp"])]
+            ge = jax.tree.map(jnp.add, ge, de_embed)
 
             # ---- sends: slot 0 = forward activation, slot 1 = backward gradient
-            def lane(value, dest, dph, dslot, want):  # (value, [phase, slot] on the receiving rank)
+            def lane(value, dest, dslot, want):  # (value, its slot on the receiving rank)
                 ok = dest == want
-                return jnp.where(ok, value, jnp.zeros_like(value)), jnp.stack([jnp.where(ok, dph, 0),
-                                                                               jnp.where(ok, dslot, slots)])
+                return jnp.where(ok, value, jnp.zeros_like(value)), jnp.where(ok, dslot, slots)
 
             msgs = {}
             for d in (_RIGHT, _LEFT, _LOCAL):
-                (fv, fm_), (bv, bm_) = lane(h_f, row[_F_DEST], row[_F_DPH], row[_F_DSLOT], d), lane(
-                    dx, row[_B_DEST], row[_B_DPH], row[_B_DSLOT], d)
+                (fv, fm_), (bv, bm_) = lane(h_f, row[_F_DEST], row[_F_DSLOT], d), lane(dx, row[_B_DEST],
+                                                                                      row[_B_DSLOT], d)
                 msgs[d] = (jnp.stack([fv, bv]), jnp.stack([fm_, bm_]))
             r = jax.lax.axis_index(axis)
             arrivals = [(msgs[_LOCAL], True)]
@@ -415,14 +419,14 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
                 arrivals.append((jax.lax.ppermute(msgs[_LEFT], axis, [(i + 1, i) for i in range(ranks - 1)]),
                                  r < ranks - 1))
             for (vals, meta), ok in arrivals:  # a rank without that neighbour receives zeros: discard them
-                x_buf = _put(x_buf, meta[0, 0], jnp.where(ok, meta[0, 1], slots), vals[0])
-                g_buf = _put(g_buf, meta[1, 0], jnp.where(ok, meta[1, 1], slots), vals[1])
-            sa = jax.tree.map(lambda acc, a: acc.at[fp].add(a), c["sa"], aux)
+                x_buf = _put(x_buf, jnp.where(ok, meta[0], slots), vals[0])
+                g_buf = _put(g_buf, jnp.where(ok, meta[1], slots), vals[1])
+            sa = jax.tree.map(lambda acc, a: acc.at[copy_of[fp]].add(a), c["sa"], aux)
             ha = jax.tree.map(jnp.add, c["ha"], head_aux)
             return dict(x=x_buf, g=g_buf, gp=gp, ge=ge, loss=c["loss"] + loss * inv_m, sa=sa, ha=ha), None
 
         c, _ = jax.lax.scan(tick, carry, table)
-        gp, sa = _scatter_copies((c["gp"], c["sa"]), homes_n, plan, r_me, axis)
+        gp, sa = _scatter_copies([(g, _take(c["sa"], k)) for k, g in enumerate(c["gp"])], homes_n, arrivals, axis)
         gp, sa, loss, ge, ha = jax.lax.optimization_barrier((gp, sa, c["loss"], c["ge"], c["ha"]))
         return (jax.lax.psum(loss, axis), jax.tree.map(lambda a: a[None], (gp, sa)), jax.lax.psum((ge, ha), axis))
 

@@ -11,19 +11,26 @@ import sys
 import pytest
 
 from sharding.pipeline import SCHEDULES, make_schedule
+import sharding.pipeline_exec as pe
+from tests import background
 from sharding.pipeline_exec import program_shape, tick_table
 
 ROOT = pathlib.Path(__file__).parents[2]
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def results():
+@background.job("pipeline_exec")
+def _checks(workdir):
     script = pathlib.Path(__file__).parent / "pipeline_exec_checks.py"
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results():
+    return background.result("pipeline_exec")
 
 
 def _rows(results, key):
@@ -76,10 +83,10 @@ def test_tick_table_keeps_order_and_dependencies(name, ranks, mb):
         ticks = []
         for op in ops:
             rows = [t for t in range(table.shape[1]) if any(
-                (c[0] == "F" and table[r, t, 0] == 1 and table[r, t, 3] == c[3]
-                 and stage_index[r, table[r, t, 1]] == c[2]) or
-                (c[0] != "F" and table[r, t, 8] == {"B": 1, "b": 2, "W": 3}[c[0]] and table[r, t, 11] == c[3]
-                 and stage_index[r, table[r, t, 9]] == c[2]) for c in op)]
+                (c[0] == "F" and table[r, t, pe._F_ON] == 1 and table[r, t, pe._F_M] == c[3]
+                 and stage_index[r, table[r, t, pe._F_PH]] == c[2]) or
+                (c[0] != "F" and table[r, t, pe._B_KIND] == {"B": 1, "b": 2, "W": 3}[c[0]]
+                 and table[r, t, pe._B_M] == c[3] and stage_index[r, table[r, t, pe._B_PH]] == c[2]) for c in op)]
             assert len(set(rows)) == 1, (r, op, rows)
             ticks.append(rows[0])
             for c in op:
@@ -107,30 +114,29 @@ def test_buffer_slots_hold_each_micro_batch_until_its_last_read(name, ranks, mb)
     not one per micro-batch."""
     s = make_schedule(name, ranks, mb)
     table, _ = tick_table(s)
-    held = {}  # (rank, phase, slot, 'x' input | 'g' output gradient / head input) -> micro-batch
+    held = {}  # (rank, slot, 'x' input | 'g' output gradient / head input) -> micro-batch
     step = {1: 1, 2: -1, 3: 0}  # destination code (right, left, local) -> rank offset
     for t in range(table.shape[1]):
         arrivals = []
         for r in range(ranks):
-            on, p, slot, m, first, last, dest, dph = table[r, t, :8]
+            on, _, slot, m, first, last, dest = table[r, t, pe._F_ON:pe._F_DEST + 1]
             if on:
                 if not first:
-                    assert held[r, p, slot, "x"] == m, (r, t)
+                    assert held[r, slot, "x"] == m, (r, t)
                 for kind, write in (("x", first), ("g", last)):
                     if write:
-                        held[r, p, slot, kind] = m
+                        held[r, slot, kind] = m
                 if dest:
-                    arrivals.append(((r + step[dest], dph, table[r, t, 16], "x"), m))
-            kind, p, slot, m, first, last, dest, dph = table[r, t, 8:16]
+                    arrivals.append(((r + step[dest], table[r, t, pe._F_DSLOT], "x"), m))
+            kind, _, slot, m, first, last, dest = table[r, t, pe._B_KIND:pe._B_DEST + 1]
             if kind:
-                assert held[r, p, slot, "x"] == m and held[r, p, slot, "g"] == m, (r, t)
+                assert held[r, slot, "x"] == m and held[r, slot, "g"] == m, (r, t)
                 if dest:
-                    arrivals.append(((r + step[dest], dph, table[r, t, 17], "g"), m))
+                    arrivals.append(((r + step[dest], table[r, t, pe._B_DSLOT], "g"), m))
         for key, m in arrivals:
             held[key] = m
-    slots = program_shape(s)[2]
-    per_stage = mb // 2 if name == "dualpipe" else mb  # micro-batches through each stage copy
+    slots = program_shape(s)[2]  # one pool per rank, over all its stages
     if name == "gpipe":  # all forwards before any backward: every micro-batch is in flight
-        assert slots == per_stage
-    else:
-        assert slots <= 2 * ranks < per_stage or mb <= 2 * ranks, slots
+        assert slots == mb
+    else:  # DualPipe: ranks + 2, DualPipeV (two stages of one stream per rank): 2 x ranks + 2
+        assert slots <= 2 * ranks + 2 and (slots < mb or mb == 2 * ranks), slots
