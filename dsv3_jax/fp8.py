@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  registers float8_e4m3fn with NumPy for weight_dequant_np
 import numpy as np
 
+from dsv3_jax.residuals import as_bits, from_bits
+
 E4M3_MAX = 448.0
 BLOCK = 128
 AMAX_FLOOR = 1e-4
@@ -260,11 +262,11 @@ def _fp8_linear_fwd(x, w, scale_fmt):
     x_q, x_s = act_quant(x.reshape(-1, K), scale_fmt=scale_fmt)
     w_q, w_s = weight_quant(w)  # [K, N] blocks: the transposed view serves Fprop, the stored one Dgrad
     y = _fp8_matmul(x_q, x_s, w_q.T, w_s.T, x.dtype).reshape(*lead, w.shape[1])
-    return y, (x_q, x_s, w_q, w_s, jnp.zeros((0,), w.dtype))
+    return y, as_bits((x_q, x_s, w_q, w_s, jnp.zeros((0,), w.dtype)))  # as bits: see dsv3_jax/residuals.py
 
 
 def _fp8_linear_bwd(scale_fmt, res, g):
-    x_q, x_s, w_q, w_s, w_like = res
+    x_q, x_s, w_q, w_s, w_like = from_bits(*res)
     g_MN = g.reshape(-1, g.shape[-1])
     g_q, g_s = act_quant(g_MN)  # 1x128 along N, the Dgrad contraction
     dx = _fp8_matmul(g_q, g_s, w_q, w_s, g.dtype).reshape(*g.shape[:-1], x_q.shape[-1])
@@ -345,11 +347,11 @@ def _fp8_expert_fwd(x_TD, src_P, tile_expert_N, w_gate_EDF, w_up_EDF, w_down_EFD
     flat = lambda a: a.reshape(p, a.shape[-1])  # noqa: E731
     cache = tuple(flat(a) for a in (*gate_c, *up_c))
     witness = tuple(jnp.zeros((0,), w.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
-    return flat(y_NtD), (xq_TD, xs_Td, src_P, tile_expert_N, cache, wg, wu, wd, witness)
+    return flat(y_NtD), as_bits((xq_TD, xs_Td, src_P, tile_expert_N, cache, wg, wu, wd, witness))
 
 
 def _fp8_expert_bwd(res, g_PD):
-    xq_TD, xs_Td, src_P, tile_expert_N, cache, wg, wu, wd, witness = res
+    xq_TD, xs_Td, src_P, tile_expert_N, cache, wg, wu, wd, witness = from_bits(*res)
     xq_PD, xs_Pd = _gather_rows(xq_TD, xs_Td, src_P)
 
     def body(dw, xs):

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.losses import cross_entropy, mtp_loss, target_weights
-from dsv3_jax.model.params import ExpertBias, remat_policy, scan_layers
+from dsv3_jax.model.params import ExpertBias, checkpointed, scan_layers
 from dsv3_jax.model.rope import rope_cos_sin
 from dsv3_jax.model.transformer import causal_mask, segment_mask, segment_positions
 from dsv3_jax.train.step import Batch, as_batch
@@ -97,7 +97,7 @@ def _transformer_pipeline(graphdef, moe_graphdef, cfg, balance_alpha: float, rem
             return body(nnx.merge(moe_graphdef, p_l, b_l), h, cos, sin, mask)
 
         if remat != "none":
-            layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(remat), prevent_cse=False)
+            layer_fn = checkpointed(layer_fn, remat)
         one = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         aux_shape = jax.eval_shape(layer_fn, h, one(sp["params"]), one(bias))[1]
 

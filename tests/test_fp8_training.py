@@ -147,9 +147,10 @@ def test_fp8_linear_close_to_exact_product(linear_case, fmt):
 
 def test_fp8_linear_saves_fp8_activations(linear_case):
     x, w, _, _ = linear_case
-    res = jax.eval_shape(lambda x, w: fp8._fp8_linear_fwd(x, w, None)[1], x, w)
-    saved = [a for a in jax.tree.leaves(res) if a.size == x.size]
-    assert saved and all(a.dtype == E4M3 for a in saved)  # no bf16 copy of x kept for the backward
+    bits, dtypes = jax.eval_shape(lambda x, w: fp8._fp8_linear_fwd(x, w, None)[1], x, w)
+    saved = [(a, t) for a, t in zip(jax.tree.leaves(bits), jax.tree.leaves(dtypes)) if a.size == x.size]
+    # no bf16 copy of x kept for the backward: FP8 x only, held as its bits (one byte per element)
+    assert saved and all(a.dtype.itemsize == 1 and t.dtype == E4M3 for a, t in saved)
 
 
 def test_fp8_dense_contracts_leading_weight_axes(linear_case):

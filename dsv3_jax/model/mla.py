@@ -27,6 +27,7 @@ from dsv3_jax.fp8 import fp8_dense
 from dsv3_jax.model.norm import rms_norm
 from dsv3_jax.model.params import param, values
 from dsv3_jax.model.rope import apply_rope, softmax_scale
+from dsv3_jax.residuals import as_bits, from_bits
 
 Params = dict[str, jax.Array]
 
@@ -128,11 +129,11 @@ def _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block):
 
 def _attention_core_fwd(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block):
     o, lse = _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block)
-    return (o, lse), (q_BHTK, k_BHSK, v_BHSV, mask_BTS, o, lse)
+    return (o, lse), as_bits((q_BHTK, k_BHSK, v_BHSV, mask_BTS, o, lse))  # as bits: see dsv3_jax/residuals.py
 
 
 def _attention_core_bwd(scale, block, res, cotangents):
-    q, k, v, mask, o, lse = res
+    q, k, v, mask, o, lse = from_bits(*res)
     f32 = jnp.float32
 
     def rows(q, mask, o, lse, do):  # dq of these query rows, and their float32 parts of dk and dv

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Callable, Iterator
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
+
+from dsv3_jax.residuals import as_bits, from_bits
 
 
 class ExpertBias(nnx.Variable):
@@ -110,6 +114,41 @@ def remat_policy(name: str):
     raise ValueError(f"unknown remat policy {name!r}; expected one of {REMAT_POLICIES}")
 
 
+def checkpointed(fn: Callable, remat: str) -> Callable:
+    """jax.checkpoint(fn) under the named policy, for a layer scanned by lax.scan, with its saved residuals held
+    as raw bits between the forward and the backward pass (dsv3_jax/residuals.py: on the CPU, XLA would otherwise
+    keep an FP32 copy of every BF16 activation the stack saved, through the whole backward pass)."""
+    inner = jax.checkpoint(fn, policy=remat_policy(remat), prevent_cse=False)
+
+    def layer(*args):
+        # every value fn closes over (arrays, tracers of the enclosing transformations) becomes an explicit
+        # argument of the custom VJP, which cannot differentiate or stage a closed-over tracer
+        closed, out_shape = jax.make_jaxpr(inner, return_shape=True)(*args)
+        jaxpr = closed.jaxpr.replace(constvars=[], invars=closed.jaxpr.constvars + closed.jaxpr.invars)
+        f = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr, []))
+        out = _saving_bits(f, *closed.consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return layer
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _saving_bits(f, *args):
+    return f(*args)
+
+
+def _saving_bits_fwd(f, *args):
+    out, vjp = jax.vjp(f, *args)
+    return out, as_bits(vjp)
+
+
+def _saving_bits_bwd(f, res, cotangent):
+    return from_bits(*res)(cotangent)
+
+
+_saving_bits.defvjp(_saving_bits_fwd, _saving_bits_bwd)
+
+
 def scan_layers(layers: nnx.Module | None, body: Callable, carry, *xs, remat: str = "none"):
     """lax.scan `body(layer, carry, *x_slices) -> (carry, out)` over a stacked module; outputs stacked.
     `remat` names the recomputation policy applied to each layer."""
@@ -121,8 +160,7 @@ def scan_layers(layers: nnx.Module | None, body: Callable, carry, *xs, remat: st
         layer_state, rest = sliced
         return body(nnx.merge(graphdef, layer_state), c, *rest)
 
-    policy = remat_policy(remat)
     if remat != "none":
-        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+        step = checkpointed(step, remat)
 
     return jax.lax.scan(step, carry, (state, xs))
