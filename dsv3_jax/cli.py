@@ -218,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                              schedule=args.schedule, precision=args.precision,
                              gemm_efficiency=args.gemm_efficiency, attention_efficiency=args.attention_efficiency,
                              comm_sms=args.comm_sms, tokens=args.tokens, master_weights=args.master_weights,
-                             edges=args.edges)
+                             edges=args.edges, activations=args.activations)
     cfg = _load_config(args)
     if args.set:
         cfg = apply_overrides(cfg, args.set)
@@ -240,9 +240,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         microbatches=result["micro_batches_per_step"], pipeline=None if result["pp"] == 1 else settings.schedule,
         precision=settings.precision, remat=args.remat)
     # compared with the planner's figure for what the code holds: the compiled precision, FP32 weights held whole,
-    # the edges on every pp rank
+    # the edges on every pp rank, stage activations recomputed
     estimate = plan(cfg, mesh, hardware, dataclasses.replace(settings, precision=compiled["precision"],
-                                                             master_weights="whole", edges="replicated"),
+                                                             master_weights="whole", edges="replicated",
+                                                             activations="recomputed"),
                     gpus=args.gpus)
     compiled |= {"planner_bytes": estimate["total_bytes"], "planner_state_bytes": estimate["state_bytes"],
                  "ratio": compiled["peak_bytes"] / estimate["total_bytes"],
@@ -464,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--edges", default=d.edges, choices=["own", "replicated"],
                     help="where embedding, dense blocks, MTP and head live under pp: own: on their stages' ranks "
                          "(the paper); replicated: on every pp rank (this code's pipeline state)")
+    pn.add_argument("--activations", default=d.activations, choices=["kept", "recomputed"],
+                    help="what a pipeline stage keeps for its backward: kept: each chunk in flight its activations "
+                         "(the paper); recomputed: each micro-batch in flight its stage input and output gradient, "
+                         "the stage forward recomputed in the backward (this code's executor)")
     pn.add_argument("--memory-gb", type=float, help="device memory in GB (default: the hardware's)")
     pn.add_argument("--compile", action="store_true",
                     help="also lower and compile the real train step for the mesh on as many fake CPU devices "

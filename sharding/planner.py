@@ -24,6 +24,7 @@ SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
 PRECISIONS = ("fp8", "bf16")
 MASTER_WEIGHTS = ("sharded", "whole")
 EDGES = ("own", "replicated")
+ACTIVATIONS = ("kept", "recomputed")
 _OVERLAPPED = ("dualpipe", "dualpipev")  # schedules that pair a forward and a backward chunk (paper §3.2.1)
 
 
@@ -83,6 +84,12 @@ class TrainSettings:
     # their stages' ranks (the paper); "replicated" on every pp rank, as this code's pipeline state keeps them
     # (sharding/pipeline_transformer.py: only the MoE stack is sharded over pp), what `--compile` measures.
     edges: str = "own"
+    # What a pipeline stage keeps for its backward pass (with pp > 1): "kept", each chunk in flight keeps its
+    # activations (the paper, §3.2.1); "recomputed", as this code's executor does (sharding/pipeline_exec.py): each
+    # micro-batch in flight keeps only its stage input and output gradient (BF16, in buffer slots), the backward
+    # recomputes the stage forward, so one chunk's activations exist at a time, and the chunk's weight gradient
+    # is produced whole (FP32) before it is added to the accumulators. What `--compile` measures.
+    activations: str = "kept"
 
     def validate(self) -> "TrainSettings":
         """Raise ValueError naming the setting; return self."""
@@ -102,6 +109,8 @@ class TrainSettings:
             raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
         if self.edges not in EDGES:
             raise ValueError(f"edges must be one of {EDGES}, got {self.edges!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if not (isinstance(self.tokens, (int, float)) and self.tokens > 0):
             raise ValueError(f"tokens must be positive, got {self.tokens!r}")
         return self
@@ -363,11 +372,20 @@ def plan(cfg: ModelConfig, mesh: dict, hardware: str | Hardware = "h800",
         sharded = dense_p / zero_dense + expert_p / zero_expert
         chunk_act = max(sum(u.act_bytes for u in stages[i]) for i in ids_r) * mb_tokens / tp
         whole = s.master_weights == "whole"  # FP32 weights held whole instead of BF16 + sharded FP32 master
+        if s.activations == "recomputed" and pp > 1:
+            # buffer slots (the executor's pool has about one per chunk in flight, plus a discard slot) for the
+            # stage input and output gradient; one chunk's activations; its FP32 weight gradient
+            chunk_params = max(sum(u.params - u.expert_params + u.expert_params / ep for u in stages[i])
+                               for i in ids_r) / tp
+            activations = ((in_flight(r) + 1) * 2 * 2.0 * mb_tokens * cfg.hidden_size / tp + chunk_act
+                           + 4.0 * chunk_params)
+        else:
+            activations = in_flight(r) * chunk_act
         mem = dict(held=dense_p + expert_p, dense=dense_p, expert=expert_p, sharded=sharded, chunk_act=chunk_act,
                    params=(4.0 if whole else 2.0) * (dense_p + expert_p),  # FP32 or BF16 weights
                    grads=4.0 * (dense_p + expert_p),  # FP32 gradient accumulators (ZeRO-1 keeps them whole)
                    optimizer=(2 * 2.0 + (0.0 if whole else 4.0)) * sharded,  # BF16 AdamW m, v (+ FP32 master)
-                   activations=in_flight(r) * chunk_act, in_flight=in_flight(r),
+                   activations=activations, in_flight=in_flight(r),
                    dispatch=2 * ep_rows * ep_row_bytes if any(u.a2a_layers for i in ids_r for u in stages[i]) else 0.0)
         mem["state"] = mem["params"] + mem["optimizer"]  # what lives between steps (XLA: the step's arguments)
         mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"] + mem["dispatch"]

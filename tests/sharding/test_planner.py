@@ -108,6 +108,19 @@ def test_replicated_edges_put_every_non_moe_unit_on_every_rank():
         _tiny("pp=2", edges="nowhere")
 
 
+def test_recomputed_activations_are_the_executors_buffers_one_chunk_and_its_weight_gradient():
+    """activations='recomputed' (this code's executor): per rank (in flight + 1) buffer slots of the stage input
+    and output gradient in BF16, one chunk's activations, and its FP32 weight gradient."""
+    p = _tiny("pp=2,dp=2,ep=2", activations="recomputed")
+    assert p["mem_rank"] == 1 and p["chunks_in_flight"] == 1
+    slots = (1 + 1) * 2 * 2 * 16 * 64  # 16 tokens x hidden 64
+    assert p["activation_bytes"] == slots + 16 * STAGE1_ACT + 4 * (STAGE1_DENSE + STAGE1_EXPERT / 2) == 599232
+    assert _tiny("pp=1,dp=2,ep=2", activations="recomputed")["activation_bytes"] == _tiny(
+        "pp=1,dp=2,ep=2")["activation_bytes"]  # without a pipeline nothing changes
+    with pytest.raises(ValueError, match="activations must be one of"):
+        _tiny("pp=2", activations="some")
+
+
 def test_single_device_compute_is_flops_over_peak():
     eff = 0.5
     p = plan(V3, {}, "h800", TrainSettings(precision="bf16", gemm_efficiency=eff, attention_efficiency=eff))
