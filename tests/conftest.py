@@ -23,6 +23,28 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
+from tests import background  # noqa: E402
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that read a background job's result run last, so that their jobs have the rest of the session to
+    finish in (tests/background.py)."""
+    waiting = background.modules_with_jobs()
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) in waiting)  # stable
+
+
+def pytest_collection_finish(session):
+    """Start the collected modules' background subprocess checks (tests/background.py)."""
+    if session.config.option.collectonly:
+        return
+    modules = list(dict.fromkeys(item.module.__name__ for item in session.items if getattr(item, "module", None)))
+    background.start(modules, session.config._tmp_path_factory.mktemp("background"))
+
+
+def pytest_sessionfinish(session):
+    background.stop()  # no job starts after the session (one still running finishes on its own)
+
+
 SHARED_RUN = dict(steps=20, batch=4, seq_len=32, corpus_bytes=200_000)  # the notebooks' quick size (DSV3_NB_QUICK)
 
 

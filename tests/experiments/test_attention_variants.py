@@ -8,13 +8,18 @@ import math
 import pytest
 
 from experiments.attention_variants import ARMS, METRICS, main
+from tests import background
+
+
+@background.job("attention_variants")
+def _quick(d):
+    background.run_module("experiments.attention_variants", "--out", str(d / "out"), "--quick")
+    return d / "out"
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attention-variants") / "out"
-    main(["--out", str(out), "--quick"])
-    return out
+def quick_run():
+    return background.result("attention_variants")
 
 
 def test_results_layout_and_values(quick_run):

@@ -12,15 +12,26 @@ from experiments import balance_aux_free_vs_aux_loss as aux_exp
 from experiments import balance_batch_vs_sequence as scope_exp
 from experiments import domains
 from experiments import expert_specialisation as spec_exp
+from tests import background
 
 LN_VOCAB = math.log(512)  # tiny preset
 
 
+@background.job("balance_aux_free_vs_aux_loss")
+def _aux(d):
+    background.run_module("experiments.balance_aux_free_vs_aux_loss", "--out", str(d / "out"), "--quick")
+    return d / "out"
+
+
+@background.job("balance_batch_vs_sequence")
+def _scope(d):
+    background.run_module("experiments.balance_batch_vs_sequence", "--out", str(d / "out"), "--quick")
+    return d / "out"
+
+
 @pytest.fixture(scope="module")
-def aux_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aux") / "out"
-    assert aux_exp.main(["--out", str(out), "--quick"]) == 0
-    return out
+def aux_run():
+    return background.result("balance_aux_free_vs_aux_loss")
 
 
 def check_results(out, arms, metrics):
@@ -51,15 +62,15 @@ def test_aux_free_vs_aux_loss_quick(aux_run):
         aux_exp.main(["--out", str(aux_run), "--quick"])
 
 
-def test_batch_vs_sequence_quick(tmp_path):
-    scope_exp.main(["--out", str(tmp_path / "o"), "--quick"])
-    results = check_results(tmp_path / "o", ["aux_loss_sequence", "aux_loss_batch", "aux_free"], aux_exp.METRICS)
+def test_batch_vs_sequence_quick():
+    out = background.result("balance_batch_vs_sequence")
+    results = check_results(out, ["aux_loss_sequence", "aux_loss_batch", "aux_free"], aux_exp.METRICS)
     arms = results["settings"]["arms"]
     assert [arms[a]["balance_scope"] for a in ("aux_loss_sequence", "aux_loss_batch")] == ["sequence", "batch"]
     assert arms["aux_loss_sequence"]["balance_alpha"] == arms["aux_loss_batch"]["balance_alpha"] > 0
     assert set(results["paired"]["differences"]) == {"aux_loss_batch", "aux_free"}
     with pytest.raises(SystemExit, match="not empty"):
-        scope_exp.main(["--out", str(tmp_path / "o"), "--quick"])
+        scope_exp.main(["--out", str(out), "--quick"])
 
 
 def test_expert_specialisation_from_run(aux_run, tmp_path):

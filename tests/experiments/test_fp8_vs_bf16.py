@@ -8,13 +8,18 @@ import pytest
 
 from dsv3_jax.config import TINY, apply_overrides
 from experiments.fp8_vs_bf16 import main, relative_gaps, width_overrides
+from tests import background
+
+
+@background.job("fp8_vs_bf16")
+def _quick(d):
+    background.run_module("experiments.fp8_vs_bf16", "--out", str(d / "out"), "--quick")
+    return d / "out"
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "out"
-    assert main(["--out", str(out), "--quick"]) == 0
-    return out
+def quick_run():
+    return background.result("fp8_vs_bf16")
 
 
 def test_width_ladder_and_gaps():

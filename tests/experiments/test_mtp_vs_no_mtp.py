@@ -8,13 +8,18 @@ import pytest
 from dsv3_jax.config import TINY
 from dsv3_jax.stats import model_stats
 from experiments.mtp_vs_no_mtp import main
+from tests import background
+
+
+@background.job("mtp_vs_no_mtp")
+def _quick(d):
+    background.run_module("experiments.mtp_vs_no_mtp", "--out", str(d / "out"), "--quick")
+    return d / "out"
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mtp") / "out"
-    assert main(["--out", str(out), "--quick"]) == 0
-    return out
+def quick_run():
+    return background.result("mtp_vs_no_mtp")
 
 
 def test_results_layout_and_metrics(quick_run):

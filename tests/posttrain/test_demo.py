@@ -7,6 +7,8 @@ import pathlib
 
 import pytest
 
+from tests import background
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -17,10 +19,15 @@ def _demo():
     return module
 
 
-def test_quick_demo_runs_every_stage(tmp_path):
+@background.job("posttrain_demo")
+def _quick(d):
+    background.run_module("experiments.posttrain_demo", "--out", str(d / "demo"), "--quick")
+    return d / "demo"
+
+
+def test_quick_demo_runs_every_stage():
     demo = _demo()
-    out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--quick"]) == 0
+    out = background.result("posttrain_demo")
     results = json.loads((out / "results.json").read_text())
     stages = results["exact_match"]
     assert list(stages) == ["pretrained (plain text prompt)", "pretrained (chat prompt)", "after SFT", "after GRPO"]

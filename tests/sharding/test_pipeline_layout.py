@@ -30,6 +30,7 @@ from sharding.pipeline_transformer import pipeline_state
 from sharding.rules import train_state_shardings
 from sharding.stage_layout import (StageLayout, balanced_layout, from_pipeline, parse_stage_layers, stage_costs,
                                    to_pipeline, tree_from_pipeline, tree_to_pipeline)
+from tests import background
 from tests.sharding.runs import metrics, write_corpus
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -155,12 +156,14 @@ _CHILD = "import json, sys\nfrom dsv3_jax.train.loop import RunArgs, train\n" \
          "for workdir, kw in json.loads(sys.argv[1]):\n    train(RunArgs(workdir=workdir, **kw))\n"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pplayout")
+EVALUATION = dict(eval_every=STEPS, eval_batches=1, eval_fraction=0.0)
+
+
+@background.job("pipeline_layout")
+def _piped(d):
     corpus = write_corpus(d / "corpus.txt")
     base = BASE | dict(data=[str(corpus)])
-    evaluation = dict(eval_every=STEPS, eval_batches=1, eval_fraction=0.0, eval_data=[f"corpus={corpus}"])
+    evaluation = EVALUATION | dict(eval_data=[f"corpus={corpus}"])
     mesh = dict(mesh="pp=2,dp=2,ep=2")
     piped = [("1f1b", mesh | dict(pipeline="1f1b")), ("dualpipev", mesh | dict(pipeline="dualpipev")),
              # DualPipe stopped after step 1 and resumed from its checkpoint (the pipeline layout saved, restored)
@@ -171,13 +174,24 @@ def runs(tmp_path_factory):
                           **evaluation))]
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps([(str(d / n), base | kw) for n, kw in piped])],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    train(RunArgs(workdir=str(d / "single"), **base))  # meanwhile here, on one device (DSV3_DEVICES=1)
-    train(RunArgs(workdir=str(d / "single5"), set=["num_hidden_layers=5"], **base, **evaluation))
-    log = child.communicate(timeout=1800)[0]
-    assert child.returncode == 0, log[-4000:]
-    return {n: d / n for n in ("single", "single5", "1f1b", "dualpipev", "dualpipe", "pp4")}
+    child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([(str(d / n), base | kw) for n, kw in piped])],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=1800)
+    assert child.returncode == 0, child.stdout[-4000:]
+    return {n: d / n for n in ("1f1b", "dualpipev", "dualpipe", "pp4")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The single-device references, trained here on the same corpus, and the pipelined runs of the background
+    job."""
+    d = tmp_path_factory.mktemp("pplayout")
+    corpus = write_corpus(d / "corpus.txt")
+    base = BASE | dict(data=[str(corpus)])
+    train(RunArgs(workdir=str(d / "single"), **base))  # on one device (DSV3_DEVICES=1)
+    train(RunArgs(workdir=str(d / "single5"), set=["num_hidden_layers=5"], **base,
+                  **EVALUATION | dict(eval_data=[f"corpus={corpus}"])))
+    return {"single": d / "single", "single5": d / "single5"} | background.result("pipeline_layout")
 
 
 @pytest.mark.parametrize("name,ref", [("1f1b", "single"), ("dualpipev", "single"), ("dualpipe", "single"),

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from dsv3_jax.cli import main
+from tests import background
 from tests.sharding.runs import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -30,8 +31,12 @@ def _env():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pptrain")
+def runs():
+    return background.result("pipeline_train")
+
+
+@background.job("pipeline_train")
+def _runs(d):
     common = ["--workdir", str(d)]
     single = subprocess.Popen([sys.executable, str(SCRIPT), "--single"] + common, cwd=ROOT, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -3,8 +3,7 @@ devices (dp=8, ep=8, dp=2 x ep=4), a masked packed Batch through the step on dp=
 under adversarial routing (nothing dropped), `train()` over a mesh and `dsv3 train --mesh` in two processes on
 localhost, against a single-device run.
 
-The multi-device work runs in subprocesses (the pytest process has one device), started together so that their
-compiles overlap with the single-device reference run."""
+The multi-device work runs in subprocesses, a background job (tests/background.py) started when collection ends."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import sys
 import pytest
 
 from dsv3_jax.train.loop import RunArgs, train
+from tests import background
 from tests.sharding.runs import metrics, write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -37,10 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Starts the 8-device checks and the two-process training, runs the single-device reference meanwhile."""
-    d = tmp_path_factory.mktemp("sharded")
+@background.job("sharded_training")
+def _multi(d):
+    """The 8-device checks and the two-process training, started together."""
     corpus = write_corpus(d / "corpus.txt")
     checks = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "sharding" / "multi_device_checks.py"), str(corpus), str(d / "mesh8"),
@@ -56,16 +55,24 @@ def runs(tmp_path_factory):
                                                  "--xla_backend_optimization_level=0"))
              for i in range(2)]
     try:
-        train(RunArgs(workdir=str(d / "single"), steps=STEPS, preset="tiny", batch=8, seq_len=32, data=[str(corpus)],
-                      save_every=100, sample_tokens=0, progress=False))
         out, _ = checks.communicate(timeout=1200)
         proc_out = [p.communicate(timeout=1200)[0] for p in procs]
     finally:
         for p in (checks, *procs):
             if p.poll() is None:
                 p.kill()
-    return {"dir": d, "checks_rc": checks.returncode, "checks_out": out, "procs": [(p.returncode, o) for p, o in
-                                                                                   zip(procs, proc_out)]}
+    return {"mesh8": d / "mesh8", "two_proc": d / "two_proc", "checks_rc": checks.returncode, "checks_out": out,
+            "procs": [(p.returncode, o) for p, o in zip(procs, proc_out)]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The single-device reference, trained here on the same corpus, and the background job's runs."""
+    d = tmp_path_factory.mktemp("sharded")
+    corpus = write_corpus(d / "corpus.txt")
+    train(RunArgs(workdir=str(d / "single"), steps=STEPS, preset="tiny", batch=8, seq_len=32, data=[str(corpus)],
+                  save_every=100, sample_tokens=0, progress=False))
+    return {"single": d / "single"} | background.result("sharded_training")
 
 
 def _results(runs):
@@ -102,20 +109,20 @@ def test_adversarial_routing_drops_nothing_under_expert_parallelism(runs):
 
 def test_train_over_a_mesh_logs_the_single_device_losses(runs):
     _results(runs)
-    single, mesh = metrics(runs["dir"] / "single"), metrics(runs["dir"] / "mesh8")
+    single, mesh = metrics(runs["single"]), metrics(runs["mesh8"])
     assert [r["step"] for r in mesh] == list(range(1, STEPS + 1))
     for a, b in zip(mesh, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(b["grad_norm"]), (a, b)
         assert a["max_vio"] == pytest.approx(b["max_vio"], abs=1e-6)  # global expert counts
-    assert (runs["dir"] / "mesh8" / "checkpoints" / str(STEPS)).is_dir()
+    assert (runs["mesh8"] / "checkpoints" / str(STEPS)).is_dir()
 
 
 def test_two_processes_log_the_single_process_losses(runs):
     for rc, out in runs["procs"]:
         assert rc == 0, out[-3000:]
-    single, multi = metrics(runs["dir"] / "single"), metrics(runs["dir"] / "two_proc")
+    single, multi = metrics(runs["single"]), metrics(runs["two_proc"])
     assert [r["step"] for r in multi] == list(range(1, STEPS + 1))  # process 0 alone writes the metrics
     for a, b in zip(multi, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
-    assert (runs["dir"] / "two_proc" / "checkpoints" / str(STEPS)).is_dir()
+    assert (runs["two_proc"] / "checkpoints" / str(STEPS)).is_dir()
