@@ -332,6 +332,7 @@ def _run(model: PipelineModel, mesh, axis, slots, microbatches, plan, table, sto
 
         def on_phase(fn, ph):  # fn(stage params of phase ph), chosen by a switch (no copy of the weights)
             return jax.lax.switch(copy_of[ph], [lambda get=get: fn(get()) for get in local])
+
         zeros_h = jnp.zeros(x0.shape, x0.dtype)
         zero_e = jax.tree.map(jnp.zeros_like, edge)
         # x[i]: the stage input of the micro-batch in slot i (the embedding output on the first stage); g[i]: its
