@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_grpo_parser(sub)
 
-    from sharding.planner import HARDWARE, SCHEDULES, TrainSettings
+    from sharding.planner import ACTIVATIONS, EDGES, HARDWARE, MASTER_WEIGHTS, SCHEDULES, TrainSettings
 
     d = TrainSettings()
     pn = sub.add_parser("plan", help="analytic memory and step-time estimate of a parallel training setup, next to "
@@ -459,13 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--json", action="store_true", help="print one JSON object")
     pn.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override ModelConfig fields, e.g. --set "
                                                                  "num_hidden_layers=64 first_k_dense_replace=0")
-    pn.add_argument("--master-weights", default=d.master_weights, choices=["sharded", "whole"],
+    pn.add_argument("--master-weights", default=d.master_weights, choices=MASTER_WEIGHTS,
                     help="sharded: the paper's ZeRO-1 (BF16 weights, FP32 master sharded); whole: this code's "
                          "(FP32 weights held whole, moments sharded)")
-    pn.add_argument("--edges", default=d.edges, choices=["own", "replicated"],
+    pn.add_argument("--edges", default=d.edges, choices=EDGES,
                     help="where embedding, dense blocks, MTP and head live under pp: own: on their stages' ranks "
                          "(the paper); replicated: on every pp rank (this code's pipeline state)")
-    pn.add_argument("--activations", default=d.activations, choices=["kept", "recomputed"],
+    pn.add_argument("--activations", default=d.activations, choices=ACTIVATIONS,
                     help="what a pipeline stage keeps for its backward: kept: each chunk in flight its activations "
                          "(the paper); recomputed: each micro-batch in flight its stage input and output gradient, "
                          "the stage forward recomputed in the backward (this code's executor)")
