@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,6 +28,8 @@ _RESULT: dict[str, tuple[bool, Any]] = {}  # name -> (ok, result or the exceptio
 _LOCK = threading.Lock()
 _BASE: list[pathlib.Path] = []
 _STOP = threading.Event()
+_TIMES: dict[str, list[float]] = {}  # name -> [start, end, seconds a test waited for it]
+_T0 = time.monotonic()
 
 
 def job(name: str):
@@ -77,11 +80,13 @@ def _run(name: str) -> None:
         return
     workdir = (_BASE[0] if _BASE else pathlib.Path(tempfile.mkdtemp(prefix="dsv3-jax-background-"))) / name
     workdir.mkdir(parents=True, exist_ok=True)
+    _TIMES[name] = [time.monotonic(), float("nan"), 0.0]
     try:
         _RESULT[name] = (True, _JOBS[name][1](workdir))
     except BaseException as e:  # kept, with its traceback, for the tests that read the result
         _RESULT[name] = (False, e)
     finally:
+        _TIMES[name][1] = time.monotonic()
         _DONE[name].set()
 
 
@@ -93,8 +98,17 @@ def result(name: str) -> Any:
             _DONE[name] = threading.Event()
     if not started:
         _run(name)
+    waited = time.monotonic()
     _DONE[name].wait()
+    if name in _TIMES and started:
+        _TIMES[name][2] += time.monotonic() - waited
     ok, value = _RESULT[name]
     if not ok:
         raise value
     return value
+
+
+def timings() -> list[str]:
+    """One line per job run so far: when it started and ended (seconds since import) and how long tests waited."""
+    return [f"{name}: {end - start:6.1f} s (from {start - _T0:6.1f} to {end - _T0:6.1f} s; tests waited {wait:5.1f} s)"
+            for name, (start, end, wait) in _TIMES.items()]

@@ -4,10 +4,11 @@ compiled by several tests (e.g. the train step of a run and of its resumed conti
 import os
 import tempfile
 
-# Test programs are tiny and many: XLA's LLVM optimisation passes cost more than they save (about a quarter of the
-# suite's CPU time). Subprocesses started by tests inherit it through the environment.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
+from tests.xla_flags import with_fast_compile
+
+# Test programs are tiny and many: cheaper code generation (tests/xla_flags.py). Subprocesses started by tests
+# inherit it through the environment.
+os.environ["XLA_FLAGS"] = with_fast_compile()
 
 import jax  # noqa: E402
 
@@ -43,6 +44,15 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     background.stop()  # no job starts after the session (one still running finishes on its own)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each background job took and how long the tests waited for it: where the suite's time goes."""
+    lines = background.timings()
+    if lines:
+        terminalreporter.section("background jobs")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 SHARED_RUN = dict(steps=20, batch=4, seq_len=32, corpus_bytes=200_000)  # the notebooks' quick size (DSV3_NB_QUICK)

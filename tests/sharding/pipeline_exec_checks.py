@@ -7,9 +7,10 @@ masked micro-batches under DualPipe); plus the messages of the bad-input checks.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           # the checks are numerical: cheaper LLVM code generation halves the compile time
-                           " --xla_backend_optimization_level=0")
+from tests.xla_flags import with_fast_compile  # noqa: E402
+
+# the checks are numerical: cheaper code generation halves the compile time
+os.environ["XLA_FLAGS"] = with_fast_compile("--xla_force_host_platform_device_count=8")
 
 import functools  # noqa: E402
 import json  # noqa: E402

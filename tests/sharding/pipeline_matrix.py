@@ -17,10 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests.*
 
-_SINGLE = "--single" in sys.argv
-if not _SINGLE:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                               " --xla_backend_optimization_level=0")  # numerical checks: compile time dominates
+from tests.xla_flags import with_fast_compile  # noqa: E402
+
+# numerical checks: compile time dominates; the single-device reference (--single) without the simulated devices
+os.environ["XLA_FLAGS"] = with_fast_compile(*([] if "--single" in sys.argv else
+                                               ["--xla_force_host_platform_device_count=8"]))
 
 import json  # noqa: E402
 import pathlib  # noqa: E402

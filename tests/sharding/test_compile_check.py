@@ -113,7 +113,10 @@ def test_sharded_init_equals_unsharded_init():
     for name, w in want.items():
         g = got[name]
         assert g.sharding == flat_state(shardings)[name]
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+        # the same random stream; the truncated normal's transcendentals may round differently when fused (the
+        # test flags' elemental emitters, tests/xla_flags.py) than op by op: a few ulp, where another stream or
+        # a misplaced shard would differ everywhere
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=0, err_msg=name)
     experts = got["params.moe_layers.ffn.w_gate.value"]
     assert experts.addressable_shards[0].data.shape[1] == CFG.n_routed_experts // 2  # built split over ep
     assert all(np.all(np.asarray(v) == 0) for k, v in got.items() if k.startswith("opt.") and "mu" in k)

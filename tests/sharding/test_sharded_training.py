@@ -19,6 +19,7 @@ import pytest
 from dsv3_jax.train.loop import RunArgs, train
 from tests import background
 from tests.sharding.runs import metrics, write_corpus
+from tests.xla_flags import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 5
@@ -26,7 +27,7 @@ STEPS = 5
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # as tests/conftest.py: tiny programs, fast compiles
+    env["XLA_FLAGS"] = FAST_COMPILE  # as tests/conftest.py: tiny programs, fast compiles
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return {**env, **extra}
 
@@ -51,8 +52,7 @@ def _multi(d):
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i),
-                                       XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                                                 "--xla_backend_optimization_level=0"))
+                                       XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"))
              for i in range(2)]
     try:
         out, _ = checks.communicate(timeout=1200)
