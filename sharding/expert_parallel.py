@@ -150,7 +150,9 @@ def _receive(back_RCD, dest_N, pos_N, here_N):
 def _local_experts(plan: _Plan, x_PD, ids_P, w_gate_EDF, w_up_EDF, w_down_EFD):
     """The received rows through this rank's experts (gate 1, one slot per row; sentinel ids give zero rows)."""
     local = Routing(jnp.ones((ids_P.shape[0], 1), jnp.float32), ids_P[:, None], None)
-    return routed_experts(x_PD, local, w_gate_EDF, w_up_EDF, w_down_EFD, plan.tile, fp8=plan.fp8)[0]
+    # capacity 0: the received buffer is sized for the worst case (`ep_capacity`, mostly empty rows), so a batched
+    # product sized from it would multiply mostly padding; its tiled loop runs over the used tiles only
+    return routed_experts(x_PD, local, w_gate_EDF, w_up_EDF, w_down_EFD, plan.tile, fp8=plan.fp8, capacity=0)[0]
 
 
 def _dispatch_round(x_TD, pairs, j, plan: _Plan):

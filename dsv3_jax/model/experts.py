@@ -11,7 +11,9 @@ renormalised when norm_topk_prob and scaled by routed_scaling_factor.
 
 Dropless: `expert_layout` gives every (token, slot) pair a row of an expert-sorted buffer whose segments are padded
 to a multiple of `align` (DeepGEMM's contiguous layout); `dispatch` gathers the rows, `grouped_matmul` multiplies
-each segment by its expert's weight, `combine` sums each token's gated rows. No capacity factor, no pair dropped.
+each segment by its expert's weight, `combine` sums each token's gated rows. No pair is dropped: on the CPU a
+capacity C puts each expert's first C pairs in rows of their own, multiplied in one batched product, and only the
+rest in the segments (`default_capacity`); every pair still has a row.
 `routed_experts` composes them; its FP8 form (`fp8=True`) and the expert-parallel path
 (sharding/expert_parallel.py, which runs it on the rows each rank receives) differ only in the GEMM. Dispatch and
 combine run the Pallas kernels (pallas_kernels/dispatch.py) on GPU and their jnp references elsewhere.
@@ -19,6 +21,7 @@ combine run the Pallas kernels (pallas_kernels/dispatch.py) on GPU and their jnp
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -63,13 +66,17 @@ def route(x_TD: jax.Array, router_DE: jax.Array, bias_E: jax.Array | None, cfg: 
 
 
 class ExpertLayout(NamedTuple):
-    """Where each (token, slot) pair sits in the expert-sorted buffer, and what each buffer row holds."""
+    """Where each (token, slot) pair sits in the expert-sorted buffer, and what each buffer row holds.
+
+    With a capacity C > 0 (the CPU's batched expert GEMM), rows [0, E*C) hold every expert's first C pairs,
+    expert e's at e*C + rank (unfilled rows are padding), and the segments from row E*C hold the rest, the
+    overflow; padded_E then counts overflow rows. With C = 0 the segments hold every pair."""
 
     row_TK: jax.Array  # int32 buffer row of pair (t, k); -1 for an expert id outside [0, E) (no row)
     src_P: jax.Array  # int32 token of row p; -1 on padding rows
     expert_P: jax.Array  # int32 expert of row p; -1 on padding rows (DeepGEMM's m_indices)
     counts_E: jax.Array  # int32 pairs routed to each expert
-    padded_E: jax.Array  # int32 rows of each expert's segment: counts_E rounded up to a multiple of `align`
+    padded_E: jax.Array  # int32 rows of each expert's segment (past the capacity): a multiple of `align`
 
     @property
     def rows(self) -> int:
@@ -77,27 +84,36 @@ class ExpertLayout(NamedTuple):
         return self.src_P.shape[0]
 
 
-def buffer_rows(num_pairs: int, num_experts: int, align: int) -> int:
-    """Static buffer length: every pair plus the worst-case padding of every segment, rounded up to ``align``."""
-    return -(-(num_pairs + num_experts * (align - 1)) // align) * align
+def buffer_rows(num_pairs: int, num_experts: int, align: int, capacity: int = 0) -> int:
+    """Static buffer length: the capacity rows, then the segments' worst case, rounded up to ``align``. Without a
+    capacity that is every pair plus every segment's padding. With one (a multiple of ``align``), each of the m
+    experts that overflow fills its C rows first, so the segments hold at most n - m*C pairs + m*(align - 1)
+    padding rows: most at m = 1."""
+    if capacity:
+        worst = max(num_pairs - capacity + align - 1, 0)
+    else:
+        worst = num_pairs + num_experts * (align - 1)
+    return num_experts * capacity + -(-worst // align) * align
 
 
-def expert_layout(experts_TK: jax.Array, num_experts: int, align: int) -> ExpertLayout:
-    """Expert-contiguous placement of all T*K pairs (token order within an expert), each expert's segment padded to
-    a multiple of ``align``; ids outside [0, num_experts) get no row. The buffer is the static worst case."""
+def expert_layout(experts_TK: jax.Array, num_experts: int, align: int, capacity: int = 0) -> ExpertLayout:
+    """Expert-contiguous placement of all T*K pairs (token order within an expert): with ``capacity`` C, each
+    expert's first C pairs in its C rows from e*C, the rest in segments from row E*C; each segment padded to a
+    multiple of ``align``. Ids outside [0, num_experts) get no row. The buffer is the static worst case."""
     t, k = experts_TK.shape
     n = t * k
-    rows = buffer_rows(n, num_experts, align)
+    rows = buffer_rows(n, num_experts, align, capacity)
     e_N = experts_TK.reshape(n).astype(jnp.int32)
     key_N = jnp.where((e_N >= 0) & (e_N < num_experts), e_N, num_experts)  # outside ids sort last, get no row
     counts_E = jnp.bincount(key_N, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    padded_E = (counts_E + align - 1) // align * align
-    start_E = jnp.cumsum(padded_E) - padded_E  # first row of each segment
+    padded_E = (jnp.maximum(counts_E - capacity, 0) + align - 1) // align * align
+    start_E = num_experts * capacity + jnp.cumsum(padded_E) - padded_E  # first row of each segment
     first_E = jnp.cumsum(counts_E) - counts_E  # sorted position of each expert's first pair
     order_N = jnp.argsort(key_N, stable=True)
     key_sorted = key_N[order_N]
     e_clip = jnp.minimum(key_sorted, num_experts - 1)
-    row_sorted = start_E[e_clip] + jnp.arange(n, dtype=jnp.int32) - first_E[e_clip]
+    rank = jnp.arange(n, dtype=jnp.int32) - first_E[e_clip]  # the pair's place among its expert's pairs
+    row_sorted = jnp.where(rank < capacity, e_clip * capacity + rank, start_E[e_clip] + rank - capacity)
     row_sorted = jnp.where(key_sorted < num_experts, row_sorted, -1)
     row_N = jnp.zeros((n,), jnp.int32).at[order_N].set(row_sorted.astype(jnp.int32))
     scatter_N = jnp.where(row_N >= 0, row_N, rows)  # out of bounds: dropped
@@ -119,13 +135,13 @@ def _check_dispatch_args(x_TD, experts_TK, num_experts, align) -> None:
         raise ValueError(f"dispatch: align must be a positive int, got {align!r}")
 
 
-def dispatch(x_TD: jax.Array, experts_TK: jax.Array, num_experts: int, align: int = EXPERT_TILE, *, impl=None,
-             interpret=None) -> tuple[jax.Array, ExpertLayout]:
-    """The expert-sorted buffer x_PD of all T*K pairs (padding rows zero) and its layout; Pallas gather on GPU, jnp
-    elsewhere (``impl="pallas"|"ref"``, ``interpret`` force one)."""
+def dispatch(x_TD: jax.Array, experts_TK: jax.Array, num_experts: int, align: int = EXPERT_TILE, capacity: int = 0,
+             *, impl=None, interpret=None) -> tuple[jax.Array, ExpertLayout]:
+    """The expert-sorted buffer x_PD of all T*K pairs (padding rows zero) and its layout (`expert_layout`); Pallas
+    gather on GPU, jnp elsewhere (``impl="pallas"|"ref"``, ``interpret`` force one)."""
     impl, interpret = resolve_impl(impl, interpret)
     _check_dispatch_args(x_TD, experts_TK, num_experts, align)
-    layout = expert_layout(experts_TK, num_experts, align)
+    layout = expert_layout(experts_TK, num_experts, align, capacity)
     if impl == "ref":
         return dispatch_rows_ref(x_TD, layout.src_P, layout.row_TK), layout
     return dispatch_rows(x_TD, layout.src_P, layout.row_TK, interpret), layout
@@ -152,62 +168,79 @@ def _tile_experts(padded_E: jax.Array, n_tiles: int, tile: int) -> jax.Array:
     return jnp.minimum(owner_N, padded_E.shape[0] - 1).astype(jnp.int32)
 
 
-def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, padded_E: jax.Array, tile: int) -> jax.Array:
-    """Row block g of x (padded_E[g] rows, in order) times w[g]; rows past the groups give zeros.
+def grouped_matmul(x_PD: jax.Array, w_EDF: jax.Array, padded_E: jax.Array, tile: int, capacity: int = 0) -> jax.Array:
+    """The expert GEMM over an `expert_layout` buffer: row block g of the segments (padded_E[g] rows, in order)
+    times w[g], and with a capacity C, rows [g*C, (g+1)*C) times w[g] as well; rows past the segments give zeros.
 
-    tile == 0: jax.lax.ragged_dot (accelerators). tile >= 1 (segments padded to whole tiles): each tile belongs to
-    one expert; `_tiled_matmul` runs one (tile x D) @ (D x F) product per tile, much faster than ragged_dot on the
-    CPU (where it is a masked product of every row with every expert).
+    tile == 0 (C = 0): jax.lax.ragged_dot (accelerators; on the CPU a masked product of every row with every
+    expert). tile >= 1 (the CPU; segments are whole tiles): the capacity rows in one batched product
+    [E, C, D] x [E, D, F], which runs near the dense rate, and the segments tile by tile, one (tile x D) x (D x F)
+    product per used tile (a third of the dense rate: each tile copies its expert's weight out of the stack).
     """
     if tile == 0:
+        if capacity:
+            raise ValueError("grouped_matmul: ragged_dot (tile 0) takes no capacity")
         return jax.lax.ragged_dot(x_PD, w_EDF, padded_E)
-    in_groups = jnp.arange(x_PD.shape[0]) < jnp.sum(padded_E)  # the tail past the last group multiplies nothing
-    x_PD = jnp.where(in_groups[:, None], x_PD, 0)
-    return _tiled_matmul(x_PD, w_EDF, _tile_experts(padded_E, x_PD.shape[0] // tile, tile))
+    if capacity % tile:
+        raise ValueError(f"grouped_matmul: capacity {capacity} must be a multiple of the tile {tile}")
+    n_tiles = (x_PD.shape[0] - w_EDF.shape[0] * capacity) // tile
+    owner_N = _tile_experts(padded_E, n_tiles, tile)
+    used = jnp.sum(padded_E, dtype=jnp.int32) // tile  # the segments' tiles; the loop runs over these only
+    return _capacity_tiled_matmul(x_PD, w_EDF, owner_N, used, tile, capacity)
 
 
-def _tile_products(x_PD, w_EDF, tile_expert_N, transpose_w: bool):
-    """Scan over tiles: tile n times w[tile_expert[n]] (or its transpose); the weight is indexed, never copied."""
-    n = tile_expert_N.shape[0]
-    x_NTD = x_PD.reshape(n, x_PD.shape[0] // n, x_PD.shape[1])
-
-    def body(_, xs):
-        x_TD, e = xs
-        w = jax.lax.dynamic_index_in_dim(w_EDF, e, keepdims=False)
-        return None, (x_TD @ w.T if transpose_w else x_TD @ w)
-
-    return jax.lax.scan(body, None, (x_NTD, tile_expert_N))[1].reshape(x_PD.shape[0], -1)
+def _split(x_PD, experts: int, capacity: int):
+    """The capacity rows as [E, C, D] and the segment rows [P - E*C, D]."""
+    cap = experts * capacity
+    return x_PD[:cap].reshape(experts, capacity, x_PD.shape[1]), x_PD[cap:]
 
 
-@jax.custom_vjp
-def _tiled_matmul(x_PD, w_EDF, tile_expert_N):
-    return _tile_products(x_PD, w_EDF, tile_expert_N, transpose_w=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _capacity_tiled_matmul(x_PD, w_EDF, owner_N, used, tile, capacity):
+    e = w_EDF.shape[0]
+    x_ECD, x_SD = _split(x_PD, e, capacity)
+
+    def body(n, y_SF):
+        x_TD = jax.lax.dynamic_slice_in_dim(x_SD, n * tile, tile)
+        w_DF = jax.lax.dynamic_index_in_dim(w_EDF, owner_N[n], keepdims=False)
+        return jax.lax.dynamic_update_slice_in_dim(y_SF, x_TD @ w_DF, n * tile, 0)
+
+    y_SF = jax.lax.fori_loop(0, used, body, jnp.zeros((x_SD.shape[0], w_EDF.shape[2]), x_PD.dtype))
+    if not capacity:
+        return y_SF
+    return jnp.concatenate([(x_ECD @ w_EDF).reshape(e * capacity, -1), y_SF])
 
 
-def _tiled_matmul_fwd(x_PD, w_EDF, tile_expert_N):
-    return _tiled_matmul(x_PD, w_EDF, tile_expert_N), (x_PD, w_EDF, tile_expert_N)
+def _capacity_tiled_matmul_fwd(x_PD, w_EDF, owner_N, used, tile, capacity):
+    return _capacity_tiled_matmul(x_PD, w_EDF, owner_N, used, tile, capacity), (x_PD, w_EDF, owner_N, used)
 
 
-def _tiled_matmul_bwd(res, g_PF):
-    # One scan over the tiles: dx_tile = g_tile . w_e^T, and dW_e += x_tile^T . g_tile updated in place in the
-    # carry (autodiff of the forward scan would add a full [E, D, F] cotangent at every tile instead).
-    x_PD, w_EDF, tile_expert_N = res
-    n = tile_expert_N.shape[0]
-    x_NTD = x_PD.reshape(n, -1, x_PD.shape[1])
-    g_NTF = g_PF.reshape(n, -1, g_PF.shape[1])
+def _capacity_tiled_matmul_bwd(tile, capacity, res, g_PF):
+    # The batched part's dx and dW as batched products; then one loop over the used tiles: dx_tile = g_tile . w_e^T,
+    # and dW_e += x_tile^T . g_tile updated in place in the carry (autodiff would add an [E, D, F] cotangent per tile).
+    x_PD, w_EDF, owner_N, used = res
+    e, f32 = w_EDF.shape[0], jnp.float32
+    x_ECD, x_SD = _split(x_PD, e, capacity)
+    g_ECF, g_SF = _split(g_PF, e, capacity)
+    dw_EDF = jnp.matmul(jnp.swapaxes(x_ECD, 1, 2), g_ECF, preferred_element_type=f32)  # zeros at capacity 0
 
-    def body(dw_EDF, xs):
-        x_TD, g_TF, e = xs
-        w_DF = jax.lax.dynamic_index_in_dim(w_EDF, e, keepdims=False)
-        acc = jax.lax.dynamic_index_in_dim(dw_EDF, e, keepdims=False) + (x_TD.T @ g_TF).astype(jnp.float32)
-        return jax.lax.dynamic_update_index_in_dim(dw_EDF, acc, e, 0), g_TF @ w_DF.T
+    def body(n, carry):
+        dx_SD, dw_EDF = carry
+        x_TD = jax.lax.dynamic_slice_in_dim(x_SD, n * tile, tile)
+        g_TF = jax.lax.dynamic_slice_in_dim(g_SF, n * tile, tile)
+        w_DF = jax.lax.dynamic_index_in_dim(w_EDF, owner_N[n], keepdims=False)
+        acc = jax.lax.dynamic_index_in_dim(dw_EDF, owner_N[n], keepdims=False) + (x_TD.T @ g_TF).astype(f32)
+        dx_SD = jax.lax.dynamic_update_slice_in_dim(dx_SD, (g_TF @ w_DF.T).astype(dx_SD.dtype), n * tile, 0)
+        return dx_SD, jax.lax.dynamic_update_index_in_dim(dw_EDF, acc, owner_N[n], 0)
 
-    dw, dx_NTD = jax.lax.scan(body, jnp.zeros(w_EDF.shape, jnp.float32), (x_NTD, g_NTF, tile_expert_N))
-    return (dx_NTD.reshape(x_PD.shape).astype(x_PD.dtype), dw.astype(w_EDF.dtype),
-            np.zeros(tile_expert_N.shape, jax.dtypes.float0))
+    dx_SD, dw_EDF = jax.lax.fori_loop(0, used, body, (jnp.zeros(x_SD.shape, x_PD.dtype), dw_EDF))
+    if capacity:
+        dx_SD = jnp.concatenate([(g_ECF @ jnp.swapaxes(w_EDF, 1, 2)).reshape(e * capacity, -1), dx_SD])
+    float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+    return dx_SD, dw_EDF.astype(w_EDF.dtype), float0(owner_N), float0(used)
 
 
-_tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+_capacity_tiled_matmul.defvjp(_capacity_tiled_matmul_fwd, _capacity_tiled_matmul_bwd)
 
 
 def default_tile(pairs: int | None = None, num_experts: int | None = None) -> int:
@@ -221,12 +254,27 @@ def default_tile(pairs: int | None = None, num_experts: int | None = None) -> in
     return 64
 
 
-def _swiglu_experts(x_PD, padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int) -> jax.Array:
+CAPACITY_FACTOR = 1.25
+
+
+def default_capacity(pairs: int, num_experts: int, tile: int) -> int:
+    """Rows per expert of the CPU grouped matmul's batched product: CAPACITY_FACTOR x the mean load, rounded up to
+    the tile (the rest of a segment overflows to the tiled loop, nothing is dropped); 0 (tiles only) when the mean
+    load is under one tile, where the batched product would mostly multiply padding."""
+    if tile < 1 or pairs < num_experts * tile:
+        return 0
+    return -(-int(np.ceil(CAPACITY_FACTOR * pairs / num_experts)) // tile) * tile
+
+
+def _swiglu_experts(x_PD, padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int, capacity: int = 0) -> jax.Array:
     """Row p of the buffer through its segment's expert: SwiGLU with three grouped matmuls in x's dtype."""
     dt = x_PD.dtype
-    h = checkpoint_name(jax.nn.silu(grouped_matmul(x_PD, w_gate_EDF.astype(dt), padded_E, tile))
-                        * grouped_matmul(x_PD, w_up_EDF.astype(dt), padded_E, tile), "swiglu")
-    return grouped_matmul(h, w_down_EFD.astype(dt), padded_E, tile)
+
+    def gemm(x, w):
+        return grouped_matmul(x, w.astype(dt), padded_E, tile, capacity)
+
+    h = checkpoint_name(jax.nn.silu(gemm(x_PD, w_gate_EDF)) * gemm(x_PD, w_up_EDF), "swiglu")
+    return gemm(h, w_down_EFD)
 
 
 @jax.named_scope("expert_gemms")
@@ -270,9 +318,10 @@ def routed_experts_split(x_TD: jax.Array, routing: Routing, w_gate_E, w_up_E, w_
 
 
 def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, tile: int | None = None,
-                   fp8: bool = False) -> tuple[jax.Array, jax.Array]:
+                   fp8: bool = False, capacity: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum_k g_k * SwiGLU_{e_k}(x) per token, dropless (eq. 13's routed term); pairs per expert [E]); expert ids
-    outside [0, E) contribute nothing. `fp8`: FP8 expert GEMMs over 128-row tiles (dsv3_jax.fp8)."""
+    outside [0, E) contribute nothing. `fp8`: FP8 expert GEMMs over 128-row tiles (dsv3_jax.fp8). `tile` and
+    `capacity`: the grouped matmul's (`default_tile`, `default_capacity` when None)."""
     t, k = routing.experts_TK.shape
     e = w_gate_EDF.shape[0]
     if fp8:
@@ -285,9 +334,10 @@ def routed_experts(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_do
         y_PD = fp8_expert_swiglu(x_TD, src_P, tile_expert_N, w_gate_EDF, w_up_EDF, w_down_EFD)
     else:
         tile = default_tile(t * k, e) if tile is None else tile
+        capacity = default_capacity(t * k, e, tile) if capacity is None else capacity
         with jax.named_scope("dispatch"):
-            x_PD, layout = dispatch(x_TD, routing.experts_TK, e, max(tile, 1))
+            x_PD, layout = dispatch(x_TD, routing.experts_TK, e, max(tile, 1), capacity)
         with jax.named_scope("expert_gemms"):
-            y_PD = _swiglu_experts(x_PD, layout.padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile)
+            y_PD = _swiglu_experts(x_PD, layout.padded_E, w_gate_EDF, w_up_EDF, w_down_EFD, tile, capacity)
     with jax.named_scope("combine"):
         return combine(y_PD, layout, routing.weights_TK), layout.counts_E

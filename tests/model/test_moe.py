@@ -52,9 +52,10 @@ def _params(moe):
     return p
 
 
-@pytest.mark.parametrize("tile", [0, 1, 4, 64])  # 0: ragged_dot
-def test_moe_equals_per_token_loop(tile, monkeypatch):
+@pytest.mark.parametrize("tile,capacity", [(0, 0), (1, 0), (4, 0), (64, 0), (1, 2), (4, 4)])  # 0: ragged_dot
+def test_moe_equals_per_token_loop(tile, capacity, monkeypatch):
     monkeypatch.setattr("dsv3_jax.model.experts.default_tile", lambda *_: tile)
+    monkeypatch.setattr("dsv3_jax.model.experts.default_capacity", lambda *_: capacity)
     moe = MoE(CFG, jnp.float32, nnx.Rngs(0))
     moe.expert_bias[...] = jnp.asarray(np.random.default_rng(1).uniform(-0.1, 0.1, CFG.n_routed_experts), jnp.float32)
     x = jax.random.normal(jax.random.key(2), (2, 7, CFG.hidden_size))
@@ -64,9 +65,10 @@ def test_moe_equals_per_token_loop(tile, monkeypatch):
     np.testing.assert_array_equal(np.asarray(aux.counts_E), counts)
 
 
-@pytest.mark.parametrize("tile", [0, 1, 64])
-def test_dropless_when_every_token_prefers_one_expert(tile, monkeypatch):
+@pytest.mark.parametrize("tile,capacity", [(0, 0), (1, 0), (64, 0), (8, 64)])
+def test_dropless_when_every_token_prefers_one_expert(tile, capacity, monkeypatch):
     monkeypatch.setattr("dsv3_jax.model.experts.default_tile", lambda *_: tile)
+    monkeypatch.setattr("dsv3_jax.model.experts.default_capacity", lambda *_: capacity)
     cfg = CFG.replace(n_group=1, topk_group=1, num_experts_per_tok=2)
     moe = MoE(cfg, jnp.float32, nnx.Rngs(0))
     bias = np.zeros(cfg.n_routed_experts, np.float32)
@@ -81,28 +83,38 @@ def test_dropless_when_every_token_prefers_one_expert(tile, monkeypatch):
     np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.hidden_size), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tile", [1, 3, 8])
-def test_grouped_matmul_equals_per_group_loop(tile):
+def _row_owner(padded_E, experts: int, capacity: int, rows: int) -> np.ndarray:
+    """The expert each buffer row multiplies by (-1: none): C rows per expert, then the segments."""
+    owner = np.concatenate([np.repeat(np.arange(experts), capacity), np.repeat(np.arange(experts), padded_E)])
+    return np.concatenate([owner, np.full(rows - owner.size, -1)])
+
+
+@pytest.mark.parametrize("tile,capacity", [(1, 0), (3, 0), (8, 0), (1, 2), (3, 3), (2, 2)])
+def test_grouped_matmul_equals_per_group_loop(tile, capacity):
     rng = np.random.default_rng(0)
     e, d, f = 5, 6, 4
     experts = np.array([[3, 0], [3, 1], [4, 3], [0, 3], [3, 4], [1, 0]])  # expert 2 gets nothing
-    layout = expert_layout(jnp.asarray(experts), e, tile)
+    layout = expert_layout(jnp.asarray(experts), e, tile, capacity)
     dest = np.asarray(layout.row_TK)
     assert len(set(dest.ravel())) == dest.size and dest.max() < layout.rows  # a distinct row for every pair
     np.testing.assert_array_equal(np.asarray(layout.counts_E), np.bincount(experts.ravel(), minlength=e))
+    counts = np.bincount(experts.ravel(), minlength=e)
+    # the segments hold what the capacity does not, padded to whole tiles
+    np.testing.assert_array_equal(np.asarray(layout.padded_E), -(-np.maximum(counts - capacity, 0) // tile) * tile)
+    if capacity:
+        assert counts.max() > capacity  # rows of the batched product and of the tile loop
     x = rng.standard_normal((layout.rows, d)).astype(np.float32)
     w = rng.standard_normal((e, d, f)).astype(np.float32)
-    out = np.asarray(grouped_matmul(jnp.asarray(x), jnp.asarray(w), layout.padded_E, tile))
-    start = 0
-    for g, size in enumerate(np.asarray(layout.padded_E)):
-        np.testing.assert_allclose(out[start:start + size], x[start:start + size] @ w[g], rtol=1e-5, atol=1e-5)
-        start += size
-    np.testing.assert_array_equal(out[start:], 0.0)  # rows past the groups
-    # every pair of expert e sits inside e's segment
-    bounds = np.concatenate([[0], np.cumsum(np.asarray(layout.padded_E))])
-    for (t, k), row in np.ndenumerate(dest):
-        ex = experts[t, k]
-        assert bounds[ex] <= row < bounds[ex + 1]
+    out = np.asarray(grouped_matmul(jnp.asarray(x), jnp.asarray(w), layout.padded_E, tile, capacity))
+    owner = _row_owner(np.asarray(layout.padded_E), e, capacity, layout.rows)
+    for i, o in enumerate(owner):
+        np.testing.assert_allclose(out[i], x[i] @ w[o] if o >= 0 else 0.0, rtol=1e-5, atol=1e-5)
+    # each expert's pairs in token order: the first `capacity` in its capacity rows, the rest in its segment
+    for ex in range(e):
+        rows = dest[experts == ex]  # row-major: token order
+        assert (owner[rows] == ex).all()
+        assert (rows[:capacity] == ex * capacity + np.arange(min(capacity, rows.size))).all()
+        assert (np.diff(rows) > 0).all()
 
 
 def test_moe_gradients_flow_to_weights_not_bias():
@@ -121,25 +133,24 @@ def test_moe_gradients_flow_to_weights_not_bias():
     assert float(jnp.abs(g_rest["expert_bias"][...]).sum()) == 0.0  # and selection is not differentiable
 
 
-@pytest.mark.parametrize("tile", [4, 8])
-def test_grouped_matmul_gradients_match_autodiff_of_plain_products(tile):
+@pytest.mark.parametrize("tile,capacity", [(4, 0), (8, 0), (4, 4), (2, 4)])
+def test_grouped_matmul_gradients_match_autodiff_of_plain_products(tile, capacity):
     rng = np.random.default_rng(1)
     e, d, f = 4, 5, 3
     experts = rng.integers(0, e, (9, 2))
-    layout = expert_layout(jnp.asarray(experts), e, tile)
+    layout = expert_layout(jnp.asarray(experts), e, tile, capacity)
     x = jnp.asarray(rng.standard_normal((layout.rows, d)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((e, d, f)), jnp.float32)
     r = jnp.asarray(rng.standard_normal((layout.rows, f)), jnp.float32)
-    sizes = np.asarray(layout.padded_E)
-    owner = np.repeat(np.arange(e), sizes)  # the expert of every buffer row inside the groups
-    owner = np.concatenate([owner, np.full(layout.rows - owner.size, -1)])
+    owner = _row_owner(np.asarray(layout.padded_E), e, capacity, layout.rows)
+    assert not capacity or np.asarray(layout.padded_E).any()  # some rows overflow to the tile loop
 
     def plain(x, w):  # row by row: x[i] @ w[owner[i]], zero past the groups
         rows = [x[i] @ w[o] if o >= 0 else jnp.zeros(f) for i, o in enumerate(owner)]
         return jnp.sum(jnp.stack(rows) * r)
 
     def tiled(x, w):
-        return jnp.sum(grouped_matmul(x, w, layout.padded_E, tile) * r)
+        return jnp.sum(grouped_matmul(x, w, layout.padded_E, tile, capacity) * r)
 
     gx, gw = jax.grad(tiled, argnums=(0, 1))(x, w)
     px, pw = jax.grad(plain, argnums=(0, 1))(x, w)
