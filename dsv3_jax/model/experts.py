@@ -259,9 +259,10 @@ CAPACITY_FACTOR = 1.25
 
 def default_capacity(pairs: int, num_experts: int, tile: int) -> int:
     """Rows per expert of the CPU grouped matmul's batched product: CAPACITY_FACTOR x the mean load, rounded up to
-    the tile (the rest of a segment overflows to the tiled loop, nothing is dropped); 0 (tiles only) when the mean
-    load is under one tile, where the batched product would mostly multiply padding."""
-    if tile < 1 or pairs < num_experts * tile:
+    the tile (the rest of a segment overflows to the tiled loop, nothing is dropped); 0 (tiles only) for tile 1
+    (few pairs: only the chosen experts' weights are read) and when the mean load is under one tile, where the
+    batched product would mostly multiply padding."""
+    if tile <= 1 or pairs < num_experts * tile:
         return 0
     return -(-int(np.ceil(CAPACITY_FACTOR * pairs / num_experts)) // tile) * tile
 
