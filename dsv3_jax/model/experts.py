@@ -287,20 +287,34 @@ def routed_experts_split(x_TD: jax.Array, routing: Routing, w_gate_E, w_up_E, w_
     Few pairs (at most E/4: batch-1 decoding): each (token, slot) pair runs its expert's SwiGLU in a `lax.switch`.
     Up to E pairs: each expert chosen by some token runs once, under a `lax.cond`, over all T rows, its output
     weighted by each token's gate for it (0 where not chosen), so a chosen expert's weights are read once. More
-    pairs (prefill) re-stack the weights and take routed_experts."""
+    pairs (prefill): tiles of CAPACITY_FACTOR x the mean load, each expert's segment padded to whole tiles, each
+    used tile through its expert's SwiGLU in a `lax.switch` (re-stacking the weights for the stacked path copied
+    every expert of every layer: most of a prefill's time)."""
     t, k = routing.experts_TK.shape
     e = len(w_gate_E)
-    if t * k > e:
-        return routed_experts(x_TD, routing, jnp.stack(w_gate_E), jnp.stack(w_up_E), jnp.stack(w_down_E))
     dt = x_TD.dtype
-    valid_TK = (routing.experts_TK >= 0) & (routing.experts_TK < e)  # outside ids contribute nothing
-    experts_TK = jnp.where(valid_TK, routing.experts_TK, e)
-    weights_TK = jnp.where(valid_TK, routing.weights_TK, 0.0)
-    counts_E = jnp.bincount(experts_TK.reshape(-1), length=e + 1)[:e].astype(jnp.int32)
 
     def swiglu(i, x):
         g, u, d = w_gate_E[i].astype(dt), w_up_E[i].astype(dt), w_down_E[i].astype(dt)
         return (jax.nn.silu(x @ g) * (x @ u)) @ d
+
+    if t * k > e:
+        tile = int(np.ceil(CAPACITY_FACTOR * t * k / e))
+        x_PD, layout = dispatch(x_TD, routing.experts_TK, e, tile)
+        owner_N = _tile_experts(layout.padded_E, layout.rows // tile, tile)
+        branches = [lambda x, i=i: swiglu(i, x) for i in range(e)]
+
+        def tile_product(n, y_PD):
+            y_TD = jax.lax.switch(owner_N[n], branches, jax.lax.dynamic_slice_in_dim(x_PD, n * tile, tile))
+            return jax.lax.dynamic_update_slice_in_dim(y_PD, y_TD, n * tile, 0)
+
+        y_PD = jax.lax.fori_loop(0, jnp.sum(layout.padded_E) // tile, tile_product, jnp.zeros_like(x_PD))
+        with jax.named_scope("combine"):
+            return combine(y_PD, layout, routing.weights_TK), layout.counts_E
+    valid_TK = (routing.experts_TK >= 0) & (routing.experts_TK < e)  # outside ids contribute nothing
+    experts_TK = jnp.where(valid_TK, routing.experts_TK, e)
+    weights_TK = jnp.where(valid_TK, routing.weights_TK, 0.0)
+    counts_E = jnp.bincount(experts_TK.reshape(-1), length=e + 1)[:e].astype(jnp.int32)
 
     if 4 * t * k <= e:
         def pair(_, xs):

@@ -37,12 +37,17 @@ def test_rows_with_ids_outside_the_experts_give_zeros(tile):
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E))
 
 
-@pytest.mark.parametrize("tokens", [2, 6, 9])  # E=16, K=2: a switch per pair, each chosen expert once, re-stacked
-def test_decoder_form_with_separate_expert_arrays_matches_numpy(tokens):
+# E=16, K=2: a switch per pair, each chosen expert once, tiles of 1.25 x the mean load (skewed: expert 3 in every
+# token's first slot, its segment many tiles long)
+@pytest.mark.parametrize("tokens,skewed", [(2, False), (6, False), (9, False), (40, True)])
+def test_decoder_form_with_separate_expert_arrays_matches_numpy(tokens, skewed):
     e, k = 16, 2
     rng = np.random.default_rng(1)
     x = rng.standard_normal((tokens, D)).astype(np.float32)
     ids = np.stack([rng.choice(e, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    if skewed:
+        ids[:, 0] = 3
+        ids[:, 1] = np.where(ids[:, 1] == 3, 4, ids[:, 1])
     ids[0, 1] = -1  # a masked slot contributes nothing
     gates = rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32)
     w_gate, w_up = (rng.standard_normal((e, D, F)).astype(np.float32) for _ in range(2))
