@@ -154,7 +154,8 @@ def decode_case(cfg: ModelConfig, batch: int, seq: int):
     dec = Decoder.of(model)
     step = compile_step(_last_logits_step, dec.static(), ())
     cache = layer_cache(cfg, batch, seq + 1, jnp.float32)
-    tok = np.zeros((batch, 1), np.int32)
+    # distinct tokens: rows that all fed one token would route alike and run only K experts whatever the batch
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 1)).astype(np.int32)
     pos = np.full((batch, 1), seq, np.int32)
     return step, (dec.state, dec.layer_states, tok, pos, cache, np.zeros((batch,), np.int32))
 
