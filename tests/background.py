@@ -3,7 +3,7 @@
 The multi-device checks (8 simulated devices each, see tests/sharding), the experiments' --quick runs and the
 post-training demo run in child processes: minutes of mostly single-threaded work. A test module registers each
 as a job with `@background.job(name)`: a function of a work directory that runs its subprocesses to the end and
-returns what the tests read. tests/conftest.py runs those modules' tests last and, when collection ends, starts
+returns what the tests read (`background.quick_module(name, module)` registers a module's `--quick` run). tests/conftest.py runs those modules' tests last and, when collection ends, starts
 their jobs in a daemon thread, in that order; a module's fixture then calls `background.result(name)`, which waits
 for the job (or runs it there if it never started) and re-raises its exception. On the 2-core CI machine the
 children run on the core the test process leaves idle.
@@ -32,15 +32,27 @@ _TIMES: dict[str, list[float]] = {}  # name -> [start, end, seconds a test waite
 _T0 = time.monotonic()
 
 
+def _register(name: str, module: str, run: Callable[[pathlib.Path], Any]) -> None:
+    if name in _JOBS and _JOBS[name][0] != module:
+        raise ValueError(f"background job {name!r} is registered by {_JOBS[name][0]} and {module}")
+    _JOBS[name] = (module, run)
+
+
 def job(name: str):
     """Register `run(workdir) -> result` as the background job `name` of the calling module."""
     def register(run: Callable[[pathlib.Path], Any]):
-        module = sys._getframe(1).f_globals["__name__"]
-        if name in _JOBS and _JOBS[name][0] != module:
-            raise ValueError(f"background job {name!r} is registered by {_JOBS[name][0]} and {module}")
-        _JOBS[name] = (module, run)
+        _register(name, sys._getframe(1).f_globals["__name__"], run)
         return run
     return register
+
+
+def quick_module(name: str, module: str, out: str = "out") -> None:
+    """Register, for the calling module, the background job `name`: `python -m module --out WORKDIR/out --quick`
+    (an experiment's or the demo's quick run); its result is that output directory."""
+    def run(workdir: pathlib.Path) -> pathlib.Path:
+        run_module(module, "--out", str(workdir / out), "--quick")
+        return workdir / out
+    _register(name, sys._getframe(1).f_globals["__name__"], run)
 
 
 def modules_with_jobs() -> set[str]:

@@ -298,11 +298,11 @@ def routed_experts_split(x_TD: jax.Array, routing: Routing, w_gate_E, w_up_E, w_
         g, u, d = w_gate_E[i].astype(dt), w_up_E[i].astype(dt), w_down_E[i].astype(dt)
         return (jax.nn.silu(x @ g) * (x @ u)) @ d
 
+    branches = [lambda x, i=i: swiglu(i, x) for i in range(e)]  # for lax.switch over the expert id
     if t * k > e:
         tile = int(np.ceil(CAPACITY_FACTOR * t * k / e))
         x_PD, layout = dispatch(x_TD, routing.experts_TK, e, tile)
         owner_N = _tile_experts(layout.padded_E, layout.rows // tile, tile)
-        branches = [lambda x, i=i: swiglu(i, x) for i in range(e)]
 
         def tile_product(n, y_PD):
             y_TD = jax.lax.switch(owner_N[n], branches, jax.lax.dynamic_slice_in_dim(x_PD, n * tile, tile))
@@ -319,7 +319,7 @@ def routed_experts_split(x_TD: jax.Array, routing: Routing, w_gate_E, w_up_E, w_
     if 4 * t * k <= e:
         def pair(_, xs):
             x_D, e_id = xs
-            return None, jax.lax.switch(jnp.minimum(e_id, e - 1), [lambda x, i=i: swiglu(i, x) for i in range(e)], x_D)
+            return None, jax.lax.switch(jnp.minimum(e_id, e - 1), branches, x_D)
 
         _, y_ND = jax.lax.scan(pair, None, (jnp.repeat(x_TD, k, axis=0), experts_TK.reshape(-1)))
         y_TD = jnp.einsum("tk,tkd->td", weights_TK, y_ND.reshape(t, k, -1).astype(jnp.float32))

@@ -11,10 +11,7 @@ from experiments.attention_variants import ARMS, METRICS, main
 from tests import background
 
 
-@background.job("attention_variants")
-def _quick(d):
-    background.run_module("experiments.attention_variants", "--out", str(d / "out"), "--quick")
-    return d / "out"
+background.quick_module("attention_variants", "experiments.attention_variants")
 
 
 @pytest.fixture(scope="module")

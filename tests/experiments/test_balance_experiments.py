@@ -17,16 +17,8 @@ from tests import background
 LN_VOCAB = math.log(512)  # tiny preset
 
 
-@background.job("balance_aux_free_vs_aux_loss")
-def _aux(d):
-    background.run_module("experiments.balance_aux_free_vs_aux_loss", "--out", str(d / "out"), "--quick")
-    return d / "out"
-
-
-@background.job("balance_batch_vs_sequence")
-def _scope(d):
-    background.run_module("experiments.balance_batch_vs_sequence", "--out", str(d / "out"), "--quick")
-    return d / "out"
+background.quick_module("balance_aux_free_vs_aux_loss", "experiments.balance_aux_free_vs_aux_loss")
+background.quick_module("balance_batch_vs_sequence", "experiments.balance_batch_vs_sequence")
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,7 @@ from experiments.fp8_vs_bf16 import main, relative_gaps, width_overrides
 from tests import background
 
 
-@background.job("fp8_vs_bf16")
-def _quick(d):
-    background.run_module("experiments.fp8_vs_bf16", "--out", str(d / "out"), "--quick")
-    return d / "out"
+background.quick_module("fp8_vs_bf16", "experiments.fp8_vs_bf16")
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,7 @@ from experiments.mtp_vs_no_mtp import main
 from tests import background
 
 
-@background.job("mtp_vs_no_mtp")
-def _quick(d):
-    background.run_module("experiments.mtp_vs_no_mtp", "--out", str(d / "out"), "--quick")
-    return d / "out"
+background.quick_module("mtp_vs_no_mtp", "experiments.mtp_vs_no_mtp")
 
 
 @pytest.fixture(scope="module")

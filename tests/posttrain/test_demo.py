@@ -19,10 +19,7 @@ def _demo():
     return module
 
 
-@background.job("posttrain_demo")
-def _quick(d):
-    background.run_module("experiments.posttrain_demo", "--out", str(d / "demo"), "--quick")
-    return d / "demo"
+background.quick_module("posttrain_demo", "experiments.posttrain_demo", out="demo")
 
 
 def test_quick_demo_runs_every_stage():

@@ -32,6 +32,7 @@ from sharding.stage_layout import (StageLayout, balanced_layout, from_pipeline, 
                                    to_pipeline, tree_from_pipeline, tree_to_pipeline)
 from tests import background
 from tests.sharding.runs import metrics, write_corpus
+from tests.xla_flags import with_fast_compile
 
 ROOT = pathlib.Path(__file__).parents[2]
 V3 = get_preset("deepseek-v3")
@@ -173,7 +174,7 @@ def _piped(d):
              ("pp4", dict(mesh="pp=4,ep=2", pipeline="1f1b", set=["num_hidden_layers=5"], stage_layers="2,1,2,0",
                           **evaluation))]
     env = {**os.environ, "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
+           "XLA_FLAGS": with_fast_compile("--xla_force_host_platform_device_count=8")}
     child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([(str(d / n), base | kw) for n, kw in piped])],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            timeout=1800)
