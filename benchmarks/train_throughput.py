@@ -41,13 +41,14 @@ def _time(fn, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: bool = False):
-    """(compile seconds, run) for our train step; run() times ``steps`` steps after ``warmup`` and returns
-    {"step_s", "tokens_per_s"} (with ``breakdown``, also "forward_s" and "forward_backward_s")."""
+def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: bool = False, unroll: bool = True):
+    """(compile seconds, run) for our train step (`unroll`: StepConfig.unroll_layers, `dsv3 train
+    --unroll-layers`); run() times ``steps`` steps after ``warmup`` and returns {"step_s", "tokens_per_s"} (with
+    ``breakdown``, also "forward_s" and "forward_backward_s")."""
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, params, bias = split_model(model)
     opt = make_optimizer(params, 1e-3, 1000)
-    step = make_train_step(graphdef, opt, StepConfig())
+    step = make_train_step(graphdef, opt, StepConfig(unroll_layers=unroll))
     state = [init_state(params, bias, opt)]
     w = jnp.asarray(windows[None])
     tokens = windows.shape[0] * (windows.shape[1] - 1)
@@ -62,7 +63,7 @@ def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: b
 
     # where the time goes: forward only, forward+backward, and the rest (optimizer, bias update)
     def loss_only(p, b, x):
-        out = nnx.merge(graphdef, p, b).forward(x[:, :-1])
+        out = nnx.merge(graphdef, p, b).forward(x[:, :-1], unroll=unroll)
         return jnp.mean(out.logits)
 
     fwd = jax.jit(loss_only)
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="small", help="model preset (small; tiny for a quick check)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="our step with the layer scans (the default of `dsv3 train`) instead of unrolled layers "
+                         "(`dsv3 train --unroll-layers`, the faster one on the CPU)")
     add_repeats_arg(ap)
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "seq_len"):
@@ -138,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     windows = np.random.default_rng(0).integers(0, full.vocab_size, (batch, seq + 1)).astype(np.int32)
     same = full.replace(num_mtp_layers=0)
     peak = measure_peak_flops()
-    compile_s, ours = prepare_dsv3(same, args.steps, args.warmup, windows, breakdown=True)
-    _, ours_mtp = prepare_dsv3(full, args.steps, args.warmup, windows)
+    unroll = not args.scan_layers
+    compile_s, ours = prepare_dsv3(same, args.steps, args.warmup, windows, breakdown=True, unroll=unroll)
+    _, ours_mtp = prepare_dsv3(full, args.steps, args.warmup, windows, unroll=unroll)
     theirs = prepare_transformers(same, args.steps, args.warmup, windows)
     runs = interleave({"dsv3": ours, "dsv3_mtp": ours_mtp, "transformers": theirs}, args.repeats)
     flops, flops_mtp = training_flops_per_token(same, seq, mtp=False), training_flops_per_token(full, seq)
@@ -152,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     s = summarize(rows)
     print(f"{args.preset} preset, batch {batch} x {seq}, {jax.devices()[0].platform}, measured f32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s; " + header(state, args.repeats))
-    print(f"  dsv3-jax (no MTP, same work): {_fmt(s, 'dsv3_tokens_per_s', '.0f')} tokens/s  step "
-          f"{s['dsv3_step_s']:.3f} s  MFU {s['mfu']:.1%}  (compile {compile_s:.0f} s)")
+    print(f"  dsv3-jax (no MTP, same work, layers {'unrolled' if unroll else 'scanned'}): "
+          f"{_fmt(s, 'dsv3_tokens_per_s', '.0f')} tokens/s  step {s['dsv3_step_s']:.3f} s  MFU {s['mfu']:.1%}  "
+          f"(compile {compile_s:.0f} s)")
     print(f"    forward {s['dsv3_forward_s']:.3f} s, forward+backward {s['dsv3_forward_backward_s']:.3f} s, "
           f"optimizer+bias+loss bookkeeping {s['dsv3_step_s'] - s['dsv3_forward_backward_s']:.3f} s")
     print(f"  dsv3-jax (full recipe, MTP):  {_fmt(s, 'dsv3_mtp_tokens_per_s', '.0f')} tokens/s  MFU "
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  ratio (same work): {_fmt(s, 'ratio', '.2f')}x")
     if args.json:
         print(json.dumps({**s, "compile_s": compile_s, "preset": args.preset, "batch": batch, "seq_len": seq,
-                          "steps": args.steps, "repeats": args.repeats, **state}))
+                          "steps": args.steps, "repeats": args.repeats, "unroll_layers": unroll, **state}))
 
 
 if __name__ == "__main__":

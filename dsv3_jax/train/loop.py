@@ -65,6 +65,7 @@ class RunArgs:
     precision: str = "fp32"
     lr: float | None = None
     remat: str = "none"
+    unroll_layers: bool = False
     resume: bool = False
     stop_at: int | None = None
     save_every: int = 100
@@ -745,7 +746,7 @@ def step_config(args: RunArgs) -> StepConfig:
     """The train step's StepConfig of a run's switches (balance, remat, spike guard)."""
     alpha, _ = balance_settings(args)
     return StepConfig(balance_alpha=alpha, balance_scope=args.balance_scope, remat=args.remat,
-                      spike_factor=args.spike_factor, spike_warmup=args.spike_warmup)
+                      unroll_layers=args.unroll_layers, spike_factor=args.spike_factor, spike_warmup=args.spike_warmup)
 
 
 def _schedules(args: RunArgs, continued: bool, init_run: dict | None) -> tuple[float, dict[str, Callable]]:

@@ -58,11 +58,12 @@ BALANCE_SCOPES = ("sequence", "batch")
 
 
 def batch_loss_terms(model: Transformer, batch: Batch, mtp_weight, balance_alpha: float, remat: str = "none",
-                     balance_scope: str = "sequence"):
+                     balance_scope: str = "sequence", unroll: bool = False):
     """(loss, (ce, mtp, bal), out) of one micro-batch Batch [M, S]: loss = ce + mtp_weight * mtp + bal, bal =
     alpha x the sequence-wise (eqs. 17-20) or batch-wise (§4.5.3, over the micro-batch's tokens) balance term."""
     tokens, seg = batch.tokens, batch.segment_ids
-    out = model.forward(tokens[:, :-1], segment_ids_BT=None if seg is None else seg[:, :-1], remat=remat)
+    out = model.forward(tokens[:, :-1], segment_ids_BT=None if seg is None else seg[:, :-1], remat=remat,
+                        unroll=unroll)
     with jax.named_scope("loss"):
         ce = cross_entropy(out.logits, tokens[:, 1:], target_weights(tokens.shape, 1, batch.loss_mask, seg))
         mtp = (jnp.zeros((), jnp.float32) if out.mtp_logits is None
@@ -83,6 +84,7 @@ class StepConfig:
     balance_alpha: float = 1e-4  # paper §4.2: sequence-wise balance factor (0: no balance loss)
     balance_scope: str = "sequence"  # "sequence" (eqs. 17-20) or "batch" (§4.5.3: f, P over the micro-batch)
     remat: str = "none"  # "none" | "paper" | "full" (see model.params.remat_policy)
+    unroll_layers: bool = False  # unroll the layer scans (params.scan_layers): faster on the CPU, longer compile
     spike_factor: float = 3.0  # a loss above spike_factor x running mean is a spike (0 disables)
     spike_warmup: int = 20  # steps before spikes are judged (the loss falls fast at first)
     ema_decay: float = 0.95  # running mean of the loss for the spike test
@@ -180,7 +182,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         batch_MS = jax.tree.map(lambda a: constrain(a, ("batch", None)), batch_MS)
         model = nnx.merge(graphdef, params, bias)
         loss, (ce, mtp, bal), out = batch_loss_terms(model, batch_MS, mtp_weight, sc.balance_alpha, sc.remat,
-                                                     sc.balance_scope)
+                                                     sc.balance_scope, sc.unroll_layers)
         kl = jnp.zeros((), jnp.float32)
         if distill is not None:
             loss, kl = _distill_terms(distill, teacher, batch_MS, out.logits, loss, ce)
@@ -198,6 +200,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
                              "(--balance-scope batch is not implemented with --pipeline)")
         if distill is not None:
             raise ValueError("make_train_step: logit distillation does not run through the pipeline executor")
+        if sc.unroll_layers:
+            raise ValueError("make_train_step: unroll_layers applies to the layer scans of the one-program step; the "
+                             "pipeline executor runs its stages' layers itself (drop --unroll-layers with --pipeline)")
         if mesh is None:
             raise ValueError("make_train_step: a pipeline schedule needs a mesh with a 'pp' axis")
         if layout is None:

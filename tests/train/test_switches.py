@@ -17,7 +17,8 @@ from dsv3_jax.model import moe as moe_mod
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train import loop
 from dsv3_jax.train.loop import RunArgs, balance_settings, load_workdir, train
-from dsv3_jax.train.step import Batch, batch_loss_terms, split_model
+from dsv3_jax.train.optim import make_optimizer
+from dsv3_jax.train.step import Batch, StepConfig, batch_loss_terms, init_state, make_train_step, split_model
 from dsv3_jax.train.tokenizer import FIM_TOKENS, ByteTokenizer, Tokenizer
 from dsv3_jax.train.tokens import is_heldout, prepare_tokens
 
@@ -236,3 +237,27 @@ def test_cli_passes_the_switches(monkeypatch):
         ["n_group=1", "topk_group=1"], 0.0, 2, 0.05, 3, ["code=a.jsonl"])
     assert cli.main(["train", "--workdir", "w", "--steps", "3"]) == 0
     assert (seen[1].balance, seen[1].fim_rate, seen[1].eval_fraction, seen[1].eval_every) == ("aux-free", 0.1, 0.01, 0)
+    assert not seen[1].unroll_layers and loop.step_config(seen[1]) == StepConfig()
+    assert cli.main(["train", "--workdir", "w", "--steps", "3", "--unroll-layers"]) == 0
+    assert loop.step_config(seen[2]).unroll_layers
+
+
+def test_unrolled_layer_scans_step_like_the_scan():
+    """StepConfig(unroll_layers=True) (`--unroll-layers`) unrolls the scans over the layer stacks: the compiled
+    step has no 3-trip loop over the MoE stack left, and its loss, gradient norm and updated weights are the scanned step's (a different
+    program for the same arithmetic, so up to float reassociation)."""
+    cfg = TINY.replace(num_hidden_layers=4)  # 1 dense + 3 MoE layers: a stack the scan really loops over
+    graphdef, params, bias = split_model(Transformer(cfg, nnx.Rngs(0)))
+    opt = make_optimizer(params, 1e-2, 10)
+    windows = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 2, 33)), jnp.int32)
+    out = {}
+    for unroll in (False, True):
+        step = make_train_step(graphdef, opt, StepConfig(unroll_layers=unroll), donate=False)
+        state = init_state(params, bias, opt)
+        hlo = step.lower(state, windows, 0.3, 1e-3).compile().as_text()
+        assert ('known_trip_count":{"n":"3"}' in hlo) != unroll  # the scan over the 3 MoE layers
+        out[unroll] = step(state, windows, 0.3, 1e-3)
+    (s0, m0), (s1, m1) = out[False], out[True]
+    np.testing.assert_allclose([m1.loss, m1.grad_norm], [m0.loss, m0.grad_norm], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s0["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
