@@ -29,6 +29,7 @@ from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
+from dsv3_jax import keep_freed_host_memory
 from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
     check_repeats(args.repeats)
+    keep_freed_host_memory()  # as the dsv3 command does; both implementations run in this process
     state = machine_state()
     full = get_preset(args.preset)
     batch, seq = args.batch, args.seq_len

@@ -538,5 +538,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The `dsv3` console script: main() in a process whose malloc keeps freed memory for reuse (the train and
+    decode steps then do not page-fault their buffers anew at every step; dsv3_jax.keep_freed_host_memory)."""
+    from dsv3_jax import keep_freed_host_memory
+
+    keep_freed_host_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
