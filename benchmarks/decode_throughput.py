@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.new_tokens < 1:
         ap.error(f"--new-tokens must be positive, got {args.new_tokens}")
     check_repeats(args.repeats)
-    keep_freed_host_memory()  # as the dsv3 command does; both implementations run in this process
+    keep_freed_host_memory()  # as the dsv3 command does (and for transformers too: one process, one malloc)
     state = machine_state()
     runners = {}
     batches = () if args.speculative_only else BATCHES

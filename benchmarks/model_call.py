@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_repeats(args.repeats)
-    keep_freed_host_memory()  # as the dsv3 command does; both implementations run in this process
+    keep_freed_host_memory()  # as the dsv3 command does
     state = machine_state()
 
     cfg = dsv3_jax.get_preset("tiny")

@@ -135,11 +135,12 @@ def profile(fn, args, steps: int, top: dict | None = None) -> dict[tuple[str, st
     return dict(times)
 
 
-def train_case(cfg: ModelConfig, batch: int, seq: int):
-    """(jitted step function, its arguments) of one training step (AdamW, clipping, bias update)."""
+def train_case(cfg: ModelConfig, batch: int, seq: int, unroll: bool = True):
+    """(jitted step function, its arguments) of one training step (AdamW, clipping, bias update), with the layer
+    scans unrolled (`dsv3 train --unroll-layers`, as benchmarks/train_throughput.py measures) or not."""
     graphdef, params, bias = split_model(Transformer(cfg, nnx.Rngs(0)))
     opt = make_optimizer(params, 1e-3, 1000)
-    step = make_train_step(graphdef, opt, StepConfig(), donate=False)
+    step = make_train_step(graphdef, opt, StepConfig(unroll_layers=unroll), donate=False)
     state = init_state(params, bias, opt)
     windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
     args = step.arguments(state, jnp.asarray(windows), 0.3, 0.001, None)
@@ -171,17 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mtp", action="store_true", help="keep the preset's MTP modules (default: none)")
     ap.add_argument("--ops", metavar="BLOCK", action="append", default=[],
                     help="also list the 12 costliest ops of this block (repeatable; e.g. other)")
+    ap.add_argument("--scan-layers", action="store_true", help="train: the layer scans kept (default: unrolled)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    keep_freed_host_memory()  # as the dsv3 command does; both implementations run in this process
+    keep_freed_host_memory()  # as the dsv3 command does
     state = machine_state()
     cfg = get_preset(args.preset)
     cfg = cfg if args.mtp else cfg.replace(num_mtp_layers=0)
     decode = args.mode == "decode"
-    fn, fargs = (decode_case if decode else train_case)(cfg, args.batch, args.seq_len)
+    fn, fargs = (decode_case(cfg, args.batch, args.seq_len) if decode
+                 else train_case(cfg, args.batch, args.seq_len, unroll=not args.scan_layers))
     jax.block_until_ready(fn(*fargs))
     t = time.perf_counter()
     for _ in range(args.steps):
