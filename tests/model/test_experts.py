@@ -37,8 +37,8 @@ def test_rows_with_ids_outside_the_experts_give_zeros(tile):
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E))
 
 
-# E=16, K=2: a switch per pair, each chosen expert once, tiles of 1.25 x the mean load (skewed: expert 3 in every
-# token's first slot, its segment many tiles long)
+# E=16, K=2: a switch per pair (2 tokens), tiles of one row (6 tokens), tiles of 1.25 x the mean load (skewed:
+# expert 3 in every token's first slot, its segment many tiles long)
 @pytest.mark.parametrize("tokens,skewed", [(2, False), (6, False), (9, False), (40, True)])
 def test_decoder_form_with_separate_expert_arrays_matches_numpy(tokens, skewed):
     e, k = 16, 2
