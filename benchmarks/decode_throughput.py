@@ -21,7 +21,6 @@ from flax import nnx
 from dsv3_jax.config import get_preset
 from dsv3_jax.inference.speculative import speculative_generate
 from dsv3_jax.model.transformer import Transformer
-from dsv3_jax import keep_freed_host_memory
 from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 PROMPT = 32
@@ -104,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.new_tokens < 1:
         ap.error(f"--new-tokens must be positive, got {args.new_tokens}")
     check_repeats(args.repeats)
-    keep_freed_host_memory()  # as the dsv3 command does (and for transformers too: one process, one malloc)
     state = machine_state()
     runners = {}
     batches = () if args.speculative_only else BATCHES

@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 import dsv3_jax
-from dsv3_jax import keep_freed_host_memory
 from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_repeats(args.repeats)
-    keep_freed_host_memory()  # as the dsv3 command does
     state = machine_state()
 
     cfg = dsv3_jax.get_preset("tiny")

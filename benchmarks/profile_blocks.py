@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    keep_freed_host_memory()  # as the dsv3 command does
+    if args.mode == "train":
+        keep_freed_host_memory()  # as `dsv3 train` does
     state = machine_state()
     cfg = get_preset(args.preset)
     cfg = cfg if args.mtp else cfg.replace(num_mtp_layers=0)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
     check_repeats(args.repeats)
-    keep_freed_host_memory()  # as the dsv3 command does (and for transformers too: one process, one malloc)
+    keep_freed_host_memory()  # as `dsv3 train` does (for transformers too: one process, one malloc)
     state = machine_state()
     full = get_preset(args.preset)
     batch, seq = args.batch, args.seq_len

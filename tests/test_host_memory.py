@@ -44,10 +44,13 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept < pages // 100
 
 
-def test_console_script_keeps_freed_memory(monkeypatch):
+@pytest.mark.parametrize("command,keeps", [("train", True), ("sft", True), ("grpo", True), ("generate", False),
+                                           ("eval", False)])
+def test_console_script_keeps_freed_memory_for_training(monkeypatch, command, keeps):
     from dsv3_jax import cli
 
     calls = []
     monkeypatch.setattr(dsv3_jax, "keep_freed_host_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(cli, "main", lambda argv=None: 7)
-    assert cli.entry() == 7 and calls == [1]
+    monkeypatch.setattr(sys, "argv", ["dsv3", command, "--help"])
+    assert cli.entry() == 7 and calls == ([1] if keeps else [])
