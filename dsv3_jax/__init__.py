@@ -51,6 +51,7 @@ def keep_freed_host_memory() -> bool:
                ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
 
 
-__all__ = ["cpu_collective_threads", "keep_freed_host_memory", "ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "Precision", "from_pretrained", "save_pretrained"]
+__all__ = ["cpu_collective_threads", "keep_freed_host_memory", "ModelConfig", "PRESETS", "get_preset", "Transformer",
+           "ModelOutput", "Precision", "from_pretrained", "save_pretrained"]
 
 cpu_collective_threads()  # before the first jax computation (importing the modules above makes none)

@@ -167,8 +167,8 @@ class Transformer(nnx.Module):
                 remat: str = "none", unroll: bool = False, cache=None, layers=None) -> ModelOutput:
         """The model's one forward: main logits, MTP logits (when mtp and the model has MTP modules), expert
         counts and balance terms. `absorbed` runs attention in the weight-absorbed form (same result); `remat` is
-        the recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy); `unroll` unrolls the
-        scans over the layer stacks (params.scan_layers: same result, faster on the CPU, longer compile).
+        the recomputation policy of every block ('none', 'paper', 'full'; see params.remat_policy); `unroll` unrolls
+        the scans over the layer stacks (params.scan_layers: same result, faster on the CPU, longer compile).
 
         segment_ids_BT (int32, packed samples): attention is causal within a segment only, positions (RoPE) restart
         at 0 at each segment start unless positions_BT is given, and MTP module k at position i sees Emb(t_{i+k})
@@ -213,10 +213,9 @@ class Transformer(nnx.Module):
             k = cfg.num_dense_layers
             dense_xs = () if cache is None else (cache[0][:k], cache[1][:k])
             moe_xs = () if cache is None else (cache[0][k:], cache[1][k:])
-            h, (_, dense_cache) = _or_empty(scan_layers(self.dense_layers, body, h, *dense_xs, remat=remat,
-                                                                  unroll=unroll))
-            h, (moe_aux, moe_cache) = _or_empty(scan_layers(self.moe_layers, body, h, *moe_xs, remat=remat,
-                                                                       unroll=unroll))
+            options = dict(remat=remat, unroll=unroll)
+            h, (_, dense_cache) = _or_empty(scan_layers(self.dense_layers, body, h, *dense_xs, **options))
+            h, (moe_aux, moe_cache) = _or_empty(scan_layers(self.moe_layers, body, h, *moe_xs, **options))
             new_cache = None if cache is None else type(cache)(
                 *(jnp.concatenate([p[i] for p in (dense_cache, moe_cache) if p is not None]) for i in (0, 1)))
         hidden = self.norm(h)

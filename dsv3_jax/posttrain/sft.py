@@ -329,7 +329,8 @@ def sft(args: SFTArgs) -> dict[str, Any]:
     if session.meta is not None and session.meta.get("rows_sha256") != rows_sha:
         raise ValueError(f"--resume: the packed rows differ from the checkpoint's run (other --data, --seq-len, "
                          f"--seed or --truncate); its data position would point elsewhere. Use the run's data")
-    sc = StepConfig(remat=args.remat, unroll_layers=args.unroll_layers, spike_factor=args.spike_factor, spike_warmup=args.spike_warmup)
+    sc = StepConfig(remat=args.remat, unroll_layers=args.unroll_layers, spike_factor=args.spike_factor,
+                    spike_warmup=args.spike_warmup)
     step_fn = make_train_step(session.graphdef, session.optimizer, sc, session.mesh, session.shardings)
     metrics_extra = None
     if teacher is not None:

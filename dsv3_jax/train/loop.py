@@ -743,10 +743,11 @@ def pipeline_schedule(args: RunArgs, cfg: ModelConfig):
 
 
 def step_config(args: RunArgs) -> StepConfig:
-    """The train step's StepConfig of a run's switches (balance, remat, spike guard)."""
+    """The train step's StepConfig of a run's switches (balance, remat, layer unrolling, spike guard)."""
     alpha, _ = balance_settings(args)
     return StepConfig(balance_alpha=alpha, balance_scope=args.balance_scope, remat=args.remat,
-                      unroll_layers=args.unroll_layers, spike_factor=args.spike_factor, spike_warmup=args.spike_warmup)
+                      unroll_layers=args.unroll_layers, spike_factor=args.spike_factor,
+                      spike_warmup=args.spike_warmup)
 
 
 def _schedules(args: RunArgs, continued: bool, init_run: dict | None) -> tuple[float, dict[str, Callable]]:

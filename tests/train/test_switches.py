@@ -240,12 +240,17 @@ def test_cli_passes_the_switches(monkeypatch):
     assert not seen[1].unroll_layers and loop.step_config(seen[1]) == StepConfig()
     assert cli.main(["train", "--workdir", "w", "--steps", "3", "--unroll-layers"]) == 0
     assert loop.step_config(seen[2]).unroll_layers
+    from dsv3_jax.posttrain import sft
+
+    monkeypatch.setattr(sft, "sft", lambda args: seen.append(args) or {"first_loss": None})
+    assert cli.main(["sft", "--init", "i", "--data", "d", "--workdir", "w", "--unroll-layers"]) == 0
+    assert seen[3].unroll_layers
 
 
 def test_unrolled_layer_scans_step_like_the_scan():
     """StepConfig(unroll_layers=True) (`--unroll-layers`) unrolls the scans over the layer stacks: the compiled
-    step has no 3-trip loop over the MoE stack left, and its loss, gradient norm and updated weights are the scanned step's (a different
-    program for the same arithmetic, so up to float reassociation)."""
+    step has no 3-trip loop over the MoE stack left, and its loss, gradient norm and updated weights are the
+    scanned step's (a different program for the same arithmetic, so up to float reassociation)."""
     cfg = TINY.replace(num_hidden_layers=4)  # 1 dense + 3 MoE layers: a stack the scan really loops over
     graphdef, params, bias = split_model(Transformer(cfg, nnx.Rngs(0)))
     opt = make_optimizer(params, 1e-2, 10)
