@@ -34,7 +34,6 @@ from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.flops import measure_peak_flops
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
-from dsv3_jax import keep_freed_host_memory
 from protocol import machine_state  # beside this file
 
 # (block, pattern in the op's scope path), first match wins; the scopes are the model's jax.named_scope names
@@ -178,8 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.mode == "train":
-        keep_freed_host_memory()  # as `dsv3 train` does
     state = machine_state()
     cfg = get_preset(args.preset)
     cfg = cfg if args.mtp else cfg.replace(num_mtp_layers=0)

@@ -29,7 +29,6 @@ from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
-from dsv3_jax import keep_freed_host_memory
 from protocol import add_repeats_arg, check_repeats, header, interleave, machine_state, summarize  # beside this file
 
 
@@ -137,7 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
     check_repeats(args.repeats)
-    keep_freed_host_memory()  # as `dsv3 train` does (for transformers too: one process, one malloc)
     state = machine_state()
     full = get_preset(args.preset)
     batch, seq = args.batch, args.seq_len

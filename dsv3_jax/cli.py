@@ -540,18 +540,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-TRAINING_COMMANDS = ("train", "sft", "grpo")
-
-
-def entry() -> int:
-    """The `dsv3` console script: main(), the training commands in a process whose malloc keeps freed memory for
-    reuse (their steps then do not page-fault their buffers anew every step; dsv3_jax.keep_freed_host_memory)."""
-    from dsv3_jax import keep_freed_host_memory
-
-    if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS:
-        keep_freed_host_memory()
-    return main()
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-import dsv3_jax
-
 CHILD = """
 import ctypes, ctypes.util, resource, sys
 from dsv3_jax import keep_freed_host_memory
@@ -42,15 +40,3 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = (256 << 20) // 4096
     assert default > pages // 2  # glibc's default: the block was unmapped on free, its pages fault again
     assert kept < pages // 100
-
-
-@pytest.mark.parametrize("command,keeps", [("train", True), ("sft", True), ("grpo", True), ("generate", False),
-                                           ("eval", False)])
-def test_console_script_keeps_freed_memory_for_training(monkeypatch, command, keeps):
-    from dsv3_jax import cli
-
-    calls = []
-    monkeypatch.setattr(dsv3_jax, "keep_freed_host_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(cli, "main", lambda argv=None: 7)
-    monkeypatch.setattr(sys, "argv", ["dsv3", command, "--help"])
-    assert cli.entry() == 7 and calls == ([1] if keeps else [])
