@@ -31,6 +31,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig, get_preset
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.precision import PRECISION_NAMES, Precision
 from dsv3_jax.train.flops import measure_peak_flops
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
@@ -134,10 +135,11 @@ def profile(fn, args, steps: int, top: dict | None = None) -> dict[tuple[str, st
     return dict(times)
 
 
-def train_case(cfg: ModelConfig, batch: int, seq: int, unroll: bool = True):
-    """(jitted step function, its arguments) of one training step (AdamW, clipping, bias update), with the layer
-    scans unrolled (`dsv3 train --unroll-layers`, as benchmarks/train_throughput.py measures) or not."""
-    graphdef, params, bias = split_model(Transformer(cfg, nnx.Rngs(0)))
+def train_case(cfg: ModelConfig, batch: int, seq: int, unroll: bool = True, precision: str = "fp32"):
+    """(jitted step function, its arguments) of one training step (AdamW, clipping, bias update) in `precision`
+    (`dsv3 train --precision`), with the layer scans unrolled (`dsv3 train --unroll-layers`, as
+    benchmarks/train_throughput.py measures) or not."""
+    graphdef, params, bias = split_model(Transformer(cfg, nnx.Rngs(0), Precision.named(precision)))
     opt = make_optimizer(params, 1e-3, 1000)
     step = make_train_step(graphdef, opt, StepConfig(unroll_layers=unroll), donate=False)
     state = init_state(params, bias, opt)
@@ -146,15 +148,16 @@ def train_case(cfg: ModelConfig, batch: int, seq: int, unroll: bool = True):
     return step.jitted, args
 
 
-def decode_case(cfg: ModelConfig, batch: int, seq: int):
-    """(jitted decode step, its arguments): one token per row at position `seq` against a cache of seq + 1."""
+def decode_case(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32"):
+    """(jitted decode step, its arguments): one token per row at position `seq` against a cache of seq + 1, the
+    model (and its cache) in `precision`."""
     from dsv3_jax.inference.decoder import Decoder, compile_step, layer_cache
     from dsv3_jax.inference.generate import _last_logits_step
 
-    model = Transformer(cfg, nnx.Rngs(0))
+    model = Transformer(cfg, nnx.Rngs(0), Precision.named(precision))
     dec = Decoder.of(model)
     step = compile_step(_last_logits_step, dec.static(), ())
-    cache = layer_cache(cfg, batch, seq + 1, jnp.float32)
+    cache = layer_cache(cfg, batch, seq + 1, model.precision.compute_dtype)
     # distinct tokens: rows that all fed one token would route alike and run only K experts whatever the batch
     tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 1)).astype(np.int32)
     pos = np.full((batch, 1), seq, np.int32)
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ops", metavar="BLOCK", action="append", default=[],
                     help="also list the 12 costliest ops of this block (repeatable; e.g. other)")
     ap.add_argument("--scan-layers", action="store_true", help="train: the layer scans kept (default: unrolled)")
+    ap.add_argument("--precision", default="fp32", choices=PRECISION_NAMES, help="as `dsv3 train --precision`")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     for name in ("batch", "seq_len", "steps"):
@@ -181,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = get_preset(args.preset)
     cfg = cfg if args.mtp else cfg.replace(num_mtp_layers=0)
     decode = args.mode == "decode"
-    fn, fargs = (decode_case(cfg, args.batch, args.seq_len) if decode
-                 else train_case(cfg, args.batch, args.seq_len, unroll=not args.scan_layers))
+    fn, fargs = (decode_case(cfg, args.batch, args.seq_len, args.precision) if decode
+                 else train_case(cfg, args.batch, args.seq_len, not args.scan_layers, args.precision))
     jax.block_until_ready(fn(*fargs))
     t = time.perf_counter()
     for _ in range(args.steps):
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"block": block, "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "share": (fwd + bwd) / total,
                      "gflop": fl / 1e9, "gflops": fl / (fwd + bwd) / 1e9 if fl else None,
                      "of_peak": fl / (fwd + bwd) / peak if fl else None})
-    print(f"{args.mode} step, {args.preset} preset, batch {args.batch} x {args.seq_len}: {step_s * 1e3:.1f} ms per "
+    print(f"{args.mode} step, {args.preset} preset, {args.precision}, batch {args.batch} x {args.seq_len}: "
+          f"{step_s * 1e3:.1f} ms per "
           f"step; XLA ops {total * 1e3:.1f} ms (summed over threads); f32 matmul peak {peak / 1e9:.0f} GFLOP/s"
           + ("" if state["quiet"] else f"; BUSY machine (load {state['load_average']:.1f})"))
     print(f"  {'block':16s} {'fwd ms':>8s} {'bwd ms':>8s} {'share':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'of peak':>8s}")
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         for (op, path), sec in top.get(block, collections.Counter()).most_common(12):
             print(f"    {sec * 1e3:8.1f} ms  {op:36s} {path[-110:]}")
     if args.json:
-        print(json.dumps({"mode": args.mode, "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+        print(json.dumps({"mode": args.mode, "preset": args.preset, "precision": args.precision,
+                          "batch": args.batch, "seq_len": args.seq_len,
                           "step_s": step_s, "op_s": total, "peak_flops": peak, "blocks": rows, **state}))
 
 
