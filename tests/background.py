@@ -1,12 +1,13 @@
 """Subprocess checks that run in the background, one at a time, while the in-process tests run.
 
-The multi-device checks (8 simulated devices each, see tests/sharding), the experiments' --quick runs and the post-
-training demo run in child processes: minutes of mostly single-threaded work. A test module registers each as a job
-with `@background.job(name)`: a function of a work directory that runs its subprocesses to the end and returns what
-the tests read (`background.quick_module(name, module)` registers a module's `--quick` run). tests/conftest.py runs
-those modules' tests last and, when collection ends, starts their jobs in a daemon thread, in that order; a module's
-fixture then calls `background.result(name)`, which waits for the job (or runs it there if it never started) and re-
-raises its exception. On the 2-core CI machine the children run on the core the test process leaves idle.
+The multi-device checks (8 simulated devices each, see tests/sharding), the experiments' --quick runs and the
+post-training demo run in child processes: minutes of mostly single-threaded work. A test module registers each as a
+job with `@background.job(name)`: a function of a work directory that runs its subprocesses to the end and returns
+what the tests read (`background.quick_module(name, module)` registers a module's `--quick` run). tests/conftest.py
+runs those modules' tests last and, when collection ends, starts their jobs in a daemon thread, in that order; a
+module's fixture then calls `background.result(name)`, which waits for the job (or runs it there if it never
+started) and re-raises its exception. On the 2-core CI machine the children run on the core the test process leaves
+idle.
 """
 
 from __future__ import annotations
