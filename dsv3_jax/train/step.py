@@ -245,12 +245,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, sc: StepC
         def update():
             updates, new_opt = optimizer.update(grads, state["opt"], params)
             new_bias = bias if counts.size == 0 else _bias_update(bias, counts, mtp_counts, gamma)
-            return optax.apply_updates(params, updates), new_bias, new_opt
+            new = (optax.apply_updates(params, updates), new_bias, new_opt)
+            # a skipped update keeps the old state. A select, not a lax.cond: XLA fuses it into the update's own
+            # elementwise pass, where a cond's branches cost another pass over the state (+45% optimizer time).
+            return jax.tree.map(lambda old, n: jnp.where(skip, old, n), (params, bias, state["opt"]), new)
 
-        # a skipped update keeps the old state. A select, not a lax.cond: XLA fuses it into the update's own
-        # elementwise pass, where a cond's branches cost another pass over the state (+45% optimizer time).
-        kept = (params, bias, state["opt"])
-        new_params, new_bias, new_opt = jax.tree.map(lambda old, new: jnp.where(skip, old, new), kept, update())
+        new_params, new_bias, new_opt = update()
         new_ema = jnp.where(state["step"] == 0, loss, sc.ema_decay * ema + (1 - sc.ema_decay) * loss)
         new_state = {
             "params": new_params,
