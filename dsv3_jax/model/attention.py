@@ -18,6 +18,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import fp8_dense
+from dsv3_jax.model.dense import dense
 from dsv3_jax.model.mla import masked_softmax
 from dsv3_jax.model.params import param, values
 from dsv3_jax.model.rope import apply_rope, softmax_scale
@@ -27,14 +28,10 @@ Params = dict[str, jax.Array]
 
 def gqa_qkv(p: Params, x_BTD: jax.Array, cos_BTK: jax.Array, sin_BTK: jax.Array, fp8: bool = False):
     """Rotated queries q [B,T,H,K], rotated keys k [B,T,G,K] and values v [B,T,G,K]."""
-    dt = x_BTD.dtype
+    def proj(name):
+        return fp8_dense(x_BTD, p[name]) if fp8 else dense(x_BTD, p[name])
 
-    def proj(name, spec):
-        return fp8_dense(x_BTD, p[name]) if fp8 else jnp.einsum(spec, x_BTD, p[name].astype(dt))
-
-    q_BTHK = proj("wq", "btd,dhk->bthk")
-    k_BTGK = proj("wk", "btd,dgk->btgk")
-    v_BTGK = proj("wv", "btd,dgk->btgk")
+    q_BTHK, k_BTGK, v_BTGK = proj("wq"), proj("wk"), proj("wv")
     cos, sin = cos_BTK[:, :, None, :], sin_BTK[:, :, None, :]
     return apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin), v_BTGK
 
@@ -56,7 +53,7 @@ def attend_grouped(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float) -> jax.Array:
 def _output(p: Params, o_BTHK: jax.Array, fp8: bool) -> jax.Array:
     if fp8:  # as MLA's output projection: power-of-two scales on its input (§3.3.3)
         return fp8_dense(o_BTHK, p["wo"], n_in=2, scale_fmt="ue8m0")
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, p["wo"].astype(o_BTHK.dtype))
+    return dense(o_BTHK, p["wo"], n_in=2)
 
 
 def gqa(p: Params, x_BTD, cos_BTK, sin_BTK, mask_BTS, scale: float, fp8: bool = False) -> jax.Array:

@@ -31,6 +31,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import EXPERT_TILE, fp8_expert_swiglu
+from dsv3_jax.model.dense import matmul, mT
+from dsv3_jax.residuals import as_bits, from_bits
 from pallas_kernels import combine_rows, combine_rows_ref, dispatch_rows, dispatch_rows_ref, resolve_impl
 
 
@@ -195,47 +197,68 @@ def _split(x_PD, experts: int, capacity: int):
     return x_PD[:cap].reshape(experts, capacity, x_PD.shape[1]), x_PD[cap:]
 
 
+def _take(a, start, size: int | None = None):
+    """Rows [start, start + size) of `a` (a[start] when size is None) at a traced start. Narrow floats are sliced
+    as their bits: XLA's CPU backend converts a whole BF16 array to FP32 to slice it (dsv3_jax/residuals.py), and
+    in a loop that conversion, of the whole expert stack, is repeated every iteration."""
+    bits, dtype = as_bits(a)
+    if size is None:
+        return from_bits(jax.lax.dynamic_index_in_dim(bits, start, keepdims=False), dtype)
+    return from_bits(jax.lax.dynamic_slice_in_dim(bits, start, size), dtype)
+
+
+def _put(bits, value, start: jax.Array, index: bool = False):
+    """`bits` (a loop carry kept as `as_bits`) with `value` written at row `start` (as index `start` with
+    `index`)."""
+    v = as_bits(value)[0]
+    if index:
+        return jax.lax.dynamic_update_index_in_dim(bits, v, start, 0)
+    return jax.lax.dynamic_update_slice_in_dim(bits, v, start, 0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _capacity_tiled_matmul(x_PD, w_EDF, owner_N, used, tile, capacity):
     e = w_EDF.shape[0]
     x_ECD, x_SD = _split(x_PD, e, capacity)
 
     def body(n, y_SF):
-        x_TD = jax.lax.dynamic_slice_in_dim(x_SD, n * tile, tile)
-        w_DF = jax.lax.dynamic_index_in_dim(w_EDF, owner_N[n], keepdims=False)
-        return jax.lax.dynamic_update_slice_in_dim(y_SF, x_TD @ w_DF, n * tile, 0)
+        return _put(y_SF, matmul(_take(x_SD, n * tile, tile), _take(w_EDF, owner_N[n])), n * tile)
 
-    y_SF = jax.lax.fori_loop(0, used, body, jnp.zeros((x_SD.shape[0], w_EDF.shape[2]), x_PD.dtype))
+    y_SF, dtype = as_bits(jnp.zeros((x_SD.shape[0], w_EDF.shape[2]), x_PD.dtype))
+    y_SF = from_bits(jax.lax.fori_loop(0, used, body, y_SF), dtype)
     if not capacity:
         return y_SF
-    return jnp.concatenate([(x_ECD @ w_EDF).reshape(e * capacity, -1), y_SF])
+    return jnp.concatenate([matmul(x_ECD, w_EDF).reshape(e * capacity, -1), y_SF])
 
 
 def _capacity_tiled_matmul_fwd(x_PD, w_EDF, owner_N, used, tile, capacity):
-    return _capacity_tiled_matmul(x_PD, w_EDF, owner_N, used, tile, capacity), (x_PD, w_EDF, owner_N, used)
+    out = _capacity_tiled_matmul(x_PD, w_EDF, owner_N, used, tile, capacity)
+    return out, as_bits((x_PD, w_EDF, owner_N, used))  # as bits: see dsv3_jax/residuals.py
 
 
 def _capacity_tiled_matmul_bwd(tile, capacity, res, g_PF):
     # The batched part's dx and dW as batched products; then one loop over the used tiles: dx_tile = g_tile . w_e^T,
     # and dW_e += x_tile^T . g_tile updated in place in the carry (autodiff would add an [E, D, F] cotangent per tile).
-    x_PD, w_EDF, owner_N, used = res
+    # Transposed operands through mT (row-major in bfloat16 on the CPU: dsv3_jax.model.dense).
+    x_PD, w_EDF, owner_N, used = from_bits(*res)
     e, f32 = w_EDF.shape[0], jnp.float32
     x_ECD, x_SD = _split(x_PD, e, capacity)
     g_ECF, g_SF = _split(g_PF, e, capacity)
-    dw_EDF = jnp.matmul(jnp.swapaxes(x_ECD, 1, 2), g_ECF, preferred_element_type=f32)  # zeros at capacity 0
+    wt_EFD = mT(w_EDF)
+    dw_EDF = matmul(mT(x_ECD), g_ECF, f32)  # zeros at capacity 0
 
     def body(n, carry):
         dx_SD, dw_EDF = carry
-        x_TD = jax.lax.dynamic_slice_in_dim(x_SD, n * tile, tile)
-        g_TF = jax.lax.dynamic_slice_in_dim(g_SF, n * tile, tile)
-        w_DF = jax.lax.dynamic_index_in_dim(w_EDF, owner_N[n], keepdims=False)
-        acc = jax.lax.dynamic_index_in_dim(dw_EDF, owner_N[n], keepdims=False) + (x_TD.T @ g_TF).astype(f32)
-        dx_SD = jax.lax.dynamic_update_slice_in_dim(dx_SD, (g_TF @ w_DF.T).astype(dx_SD.dtype), n * tile, 0)
-        return dx_SD, jax.lax.dynamic_update_index_in_dim(dw_EDF, acc, owner_N[n], 0)
+        x_TD, g_TF = _take(x_SD, n * tile, tile), _take(g_SF, n * tile, tile)
+        acc = _take(dw_EDF, owner_N[n]) + matmul(mT(x_TD), g_TF, f32)
+        dx_SD = _put(dx_SD, matmul(g_TF, _take(wt_EFD, owner_N[n]), x_SD.dtype), n * tile)
+        return dx_SD, _put(dw_EDF, acc, owner_N[n], index=True)
 
-    dx_SD, dw_EDF = jax.lax.fori_loop(0, used, body, (jnp.zeros(x_SD.shape, x_PD.dtype), dw_EDF))
+    dx_SD, dtype = as_bits(jnp.zeros(x_SD.shape, x_PD.dtype))
+    dx_SD, dw_EDF = jax.lax.fori_loop(0, used, body, (dx_SD, dw_EDF))
+    dx_SD = from_bits(dx_SD, dtype)
     if capacity:
-        dx_SD = jnp.concatenate([(g_ECF @ jnp.swapaxes(w_EDF, 1, 2)).reshape(e * capacity, -1), dx_SD])
+        dx_SD = jnp.concatenate([matmul(g_ECF, wt_EFD, dx_SD.dtype).reshape(e * capacity, -1), dx_SD])
     float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
     return dx_SD, dw_EDF.astype(w_EDF.dtype), float0(owner_N), float0(used)
 

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.fp8 import fp8_linear
+from dsv3_jax.model.dense import dense
 from dsv3_jax.model.params import param, values
 
 
@@ -17,9 +18,8 @@ def swiglu(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD
     if fp8:
         h = checkpoint_name(jax.nn.silu(fp8_linear(x_BTD, w_gate_DF)) * fp8_linear(x_BTD, w_up_DF), "swiglu")
         return fp8_linear(h, w_down_FD)
-    dt = x_BTD.dtype
-    h = checkpoint_name(jax.nn.silu(x_BTD @ w_gate_DF.astype(dt)) * (x_BTD @ w_up_DF.astype(dt)), "swiglu")
-    return h @ w_down_FD.astype(dt)
+    h = checkpoint_name(jax.nn.silu(dense(x_BTD, w_gate_DF)) * dense(x_BTD, w_up_DF), "swiglu")
+    return dense(h, w_down_FD)
 
 
 class MLP(nnx.Module):

@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import fp8_dense
+from dsv3_jax.model.dense import dense, matmul, mT
 from dsv3_jax.model.norm import rms_norm
 from dsv3_jax.model.params import param, values
 from dsv3_jax.model.rope import apply_rope, softmax_scale
@@ -36,17 +37,15 @@ def mla_latents(p: Params, x_BTD: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Ar
                 fp8: bool = False):
     """Queries and the compressed KV: q_nope [B,T,H,K], rotated q_pe [B,T,H,R], normalised c_kv [B,T,C] and the
     rotated shared key k_pe [B,T,R] (the two tensors the absorbed cache stores)."""
-    dt = x_BTD.dtype
     if cfg.q_lora_rank:
-        c_q_BTQ = fp8_dense(x_BTD, p["wq_a"]) if fp8 else x_BTD @ p["wq_a"].astype(dt)
+        c_q_BTQ = fp8_dense(x_BTD, p["wq_a"]) if fp8 else dense(x_BTD, p["wq_a"])
         c_q_BTQ = rms_norm(c_q_BTQ, p["q_norm"], cfg.rms_norm_eps)
-        q_BTHK = (fp8_dense(c_q_BTQ, p["wq_b"]) if fp8
-                  else jnp.einsum("btq,qhk->bthk", c_q_BTQ, p["wq_b"].astype(dt)))
+        q_BTHK = fp8_dense(c_q_BTQ, p["wq_b"]) if fp8 else dense(c_q_BTQ, p["wq_b"])
         q_BTHK = checkpoint_name(q_BTHK, "mla_up")
     else:
-        q_BTHK = fp8_dense(x_BTD, p["wq"]) if fp8 else jnp.einsum("btd,dhk->bthk", x_BTD, p["wq"].astype(dt))
+        q_BTHK = fp8_dense(x_BTD, p["wq"]) if fp8 else dense(x_BTD, p["wq"])
     q_nope, q_pe = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
-    kv_BTX = fp8_dense(x_BTD, p["wkv_a"]) if fp8 else x_BTD @ p["wkv_a"].astype(dt)
+    kv_BTX = fp8_dense(x_BTD, p["wkv_a"]) if fp8 else dense(x_BTD, p["wkv_a"])
     c_kv, k_pe = jnp.split(kv_BTX, [cfg.kv_lora_rank], axis=-1)
     c_kv = rms_norm(c_kv, p["kv_norm"], cfg.rms_norm_eps)
     q_pe = apply_rope(q_pe, cos_BTR[:, :, None, :], sin_BTR[:, :, None, :])
@@ -92,7 +91,7 @@ def attention_core(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSV: jax.Array, mask
 
 
 def _scores(q_BHTK, k_BHSK, mask_BTS, scale):
-    return _masked_scores(q_BHTK @ jnp.swapaxes(k_BHSK, -1, -2), mask_BTS, scale)
+    return _masked_scores(matmul(q_BHTK, mT(k_BHSK), jnp.float32), mask_BTS, scale)
 
 
 def _query_blocks(block: int, *xs_BHT):
@@ -118,7 +117,7 @@ def _join_query_blocks(t: int, x_nBHb):
 def _attention_core(q_BHTK, k_BHSK, v_BHSV, mask_BTS, scale, block):
     def rows(q, mask):
         e, total, m = _softmax_parts(_scores(q, k_BHSK, mask, scale))
-        return (e / total).astype(v_BHSV.dtype) @ v_BHSV, m + jnp.log(total)
+        return matmul((e / total).astype(v_BHSV.dtype), v_BHSV), m + jnp.log(total)
 
     t = q_BHTK.shape[2]
     if t <= block:
@@ -138,11 +137,11 @@ def _attention_core_bwd(scale, block, res, cotangents):
 
     def rows(q, mask, o, lse, do):  # dq of these query rows, and their float32 parts of dk and dv
         p = jnp.exp(_scores(q, k, mask, scale) - lse)  # float32, zeros where masked
-        dv = jnp.matmul(jnp.swapaxes(p.astype(v.dtype), -1, -2), do.astype(v.dtype), preferred_element_type=f32)
-        dp = (do @ jnp.swapaxes(v, -1, -2)).astype(f32)
+        dv = matmul(mT(p.astype(v.dtype)), do.astype(v.dtype), f32)
+        dp = matmul(do, mT(v), f32)
         delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
         ds = (p * (dp - delta) * scale).astype(q.dtype)
-        return ds @ k, jnp.matmul(jnp.swapaxes(ds, -1, -2), q, preferred_element_type=f32), dv
+        return matmul(ds, k), matmul(mT(ds), q, f32), dv
 
     t = q.shape[2]
     if t <= block:
@@ -164,10 +163,8 @@ _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, scale: float,
               fp8: bool = False) -> jax.Array:
     """MLA with per-head keys/values materialised (the training form); `fp8` runs the projections in FP8."""
-    dt = x_BTD.dtype
     q_nope, q_pe, c_kv, k_pe = mla_latents(p, x_BTD, cos_BTR, sin_BTR, cfg, fp8)
-    kv_BSHX = (fp8_dense(c_kv, p["wkv_b"]) if fp8
-               else jnp.einsum("bsc,chx->bshx", c_kv, p["wkv_b"].astype(dt)))
+    kv_BSHX = fp8_dense(c_kv, p["wkv_b"]) if fp8 else dense(c_kv, p["wkv_b"])
     kv_BSHX = checkpoint_name(kv_BSHX, "mla_up")
     k_nope, v_BSHV = jnp.split(kv_BSHX, [cfg.qk_nope_head_dim], axis=-1)
     # k = [k_nope; k_pe shared by all heads] (eq. 4); head-major batched matmuls are 2-3x faster on the CPU
@@ -179,7 +176,7 @@ def mla_naive(p: Params, x_BTD, cos_BTR, sin_BTR, mask_BTS, cfg: ModelConfig, sc
         o_BTHV = attention_core(q_BHTK, k_BHSK, v_BSHV.transpose(0, 2, 1, 3), mask_BTS, scale).transpose(0, 2, 1, 3)
     if fp8:  # ue8m0: the paper's E5M6 input with power-of-two scales (E5M6 is not a JAX dtype; E4M3 here)
         return fp8_dense(o_BTHV, p["wo"], n_in=2, scale_fmt="ue8m0")
-    return jnp.einsum("bthv,hvd->btd", o_BTHV, p["wo"].astype(dt))
+    return dense(o_BTHV, p["wo"], n_in=2)
 
 
 def absorbed_weights(wkv_b_CHX: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:

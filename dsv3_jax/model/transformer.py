@@ -17,6 +17,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import fp8_linear
 from dsv3_jax.model.attention import GQA
 from dsv3_jax.model.compiled import compiled_method
+from dsv3_jax.model.dense import dense
 from dsv3_jax.model.ffn import MLP
 from dsv3_jax.model.mla import MLA
 from dsv3_jax.model.moe import MoE
@@ -92,7 +93,7 @@ class MTPModule(nnx.Module):
     def __call__(self, h_prev_BTD, emb_BTD, cos, sin, mask_BTS=None, cache=None, positions_BT=None):
         """(h^k, MoE aux or None, cache) from h^{k-1} and Emb(t_{i+k}) (eqs. 21-22); the cache as in Block."""
         x = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], axis=-1)
-        h = fp8_linear(x, self.eh_proj[...]) if self.fp8 else x @ self.eh_proj[...].astype(x.dtype)
+        h = fp8_linear(x, self.eh_proj[...]) if self.fp8 else dense(x, self.eh_proj[...])
         return self.block(h, cos, sin, mask_BTS, False, cache, positions_BT)
 
 
@@ -154,7 +155,7 @@ class Transformer(nnx.Module):
     def output_head(self, h_BTD: jax.Array) -> jax.Array:
         """Logits [.., V] in float32 from a normalised hidden state."""
         w = self.embed[...].T if self.head is None else self.head[...]
-        return jnp.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+        return dense(h_BTD, w, out_dtype=jnp.float32)
 
     @compiled_method
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:

@@ -88,18 +88,22 @@ def test_naive_matches_numpy_restatement():
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("query_block", [512, 3, 1])  # one block; blocks of 3 rows (the last padded); of 1 row
-def test_attention_core_gradients_equal_autodiff_of_the_plain_softmax(query_block):
+@pytest.mark.parametrize("query_block,dtype", [(512, jnp.float32), (3, jnp.float32), (1, jnp.float32),
+                                               (512, jnp.bfloat16), (3, jnp.bfloat16)])
+def test_attention_core_gradients_equal_autodiff_of_the_plain_softmax(query_block, dtype):
     """The recomputing backward of attention_core against autodiff through a plain softmax(q k^T) v, with a
-    causal mask and one fully masked row (zeros out, zero gradients), whole or over blocks of query rows."""
+    causal mask and one fully masked row (zeros out, zero gradients), whole or over blocks of query rows (the
+    first 3 blocks: one block; blocks of 3 rows, the last padded; of 1 row). In bfloat16 (row-major operands on
+    the CPU's bfloat16 path, dsv3_jax.model.dense) against float32 autodiff of the same values, to bfloat16's
+    precision."""
     from dsv3_jax.model.mla import attention_core
 
     attention_core = functools.partial(attention_core, query_block=query_block)
 
     b, h, t, k, v = 2, 3, 7, 5, 4
     rng = np.random.default_rng(0)
-    q_, k_ = (jnp.asarray(rng.standard_normal((b, h, t, k)), jnp.float32) for _ in range(2))
-    v_ = jnp.asarray(rng.standard_normal((b, h, t, v)), jnp.float32)
+    q_, k_ = (jnp.asarray(rng.standard_normal((b, h, t, k)), dtype).astype(jnp.float32) for _ in range(2))
+    v_ = jnp.asarray(rng.standard_normal((b, h, t, v)), dtype).astype(jnp.float32)
     mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
     mask[1, 3] = False  # row 3 of sequence 1 sees nothing
     mask = jnp.asarray(mask)
@@ -110,10 +114,15 @@ def test_attention_core_gradients_equal_autodiff_of_the_plain_softmax(query_bloc
         p = jax.nn.softmax(s, axis=-1) * jnp.any(mask, -1)[:, None, :, None]
         return p @ v
 
-    out = attention_core(q_, k_, v_, mask, 0.3)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(plain(q_, k_, v_)), rtol=1e-5, atol=1e-6)
+    def core(q, k, v):
+        return attention_core(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, 0.3).astype(jnp.float32)
+
+    tol = (1e-5, 1e-6, 1e-4, 1e-5) if dtype == jnp.float32 else (3e-2, 3e-2, 5e-2, 5e-2)
+    out = core(q_, k_, v_)
+    assert attention_core(q_.astype(dtype), k_.astype(dtype), v_.astype(dtype), mask, 0.3).dtype == dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain(q_, k_, v_)), rtol=tol[0], atol=tol[1])
     assert np.all(np.asarray(out)[1, :, 3] == 0)
-    grads = jax.grad(lambda *a: jnp.sum(attention_core(*a, mask, 0.3) * w), argnums=(0, 1, 2))(q_, k_, v_)
+    grads = jax.grad(lambda *a: jnp.sum(core(*a) * w), argnums=(0, 1, 2))(q_, k_, v_)
     expected = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2))(q_, k_, v_)
     for g, e in zip(grads, expected):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=tol[2], atol=tol[3])
