@@ -1,15 +1,18 @@
 """Training throughput of the `small` preset at batch 8 x 256 on this machine, side by side with transformers'
-DeepseekV3ForCausalLM + torch.optim.AdamW on the identical config, in the same run.
+DeepseekV3ForCausalLM + torch.optim.AdamW on the identical config, in the same run, in two precisions.
 
 Same work: transformers' model has no MTP module, so the headline ratio compares our step on the same config
 with num_mtp_layers=0 (CE + balance loss, AdamW, clipping; identical weights count and FLOPs). Our full recipe
-(with the MTP module and its loss) is measured too and reported separately.
+(with the MTP module and its loss) is measured too and reported separately. Precisions: fp32 (everything in
+float32 on both sides) and bf16 (float32 master weights and optimizer, bfloat16 matmuls with float32
+accumulation: our `--precision bf16`, and transformers' forward under `torch.autocast("cpu", torch.bfloat16)`,
+PyTorch's mixed-precision recipe). The fp32 figures keep the plain keys, the bf16 ones are prefixed `bf16_`.
 
 Protocol (benchmarks/protocol.py): the load average is checked first, the three are run interleaved, each
 --repeats times, and every figure is the median over the repeats (with min and max).
 
     python benchmarks/train_throughput.py [--json] [--steps N] [--warmup N] [--repeats N] [--preset P]
-        [--batch B] [--seq-len T]
+        [--batch B] [--seq-len T] [--precision fp32|bf16|both]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from flax import nnx
 
 from dsv3_jax.config import get_preset
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.precision import Precision
 from dsv3_jax.train.flops import measure_peak_flops, training_flops_per_token
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import StepConfig, init_state, make_train_step, split_model
@@ -41,11 +45,12 @@ def _time(fn, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: bool = False, unroll: bool = True):
+def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: bool = False, unroll: bool = True,
+                 precision: str = "fp32"):
     """(compile seconds, run) for our train step (`unroll`: StepConfig.unroll_layers, `dsv3 train
-    --unroll-layers`); run() times ``steps`` steps after ``warmup`` and returns {"step_s", "tokens_per_s"} (with
-    ``breakdown``, also "forward_s" and "forward_backward_s")."""
-    model = Transformer(cfg, nnx.Rngs(0))
+    --unroll-layers`; `precision`: `dsv3 train --precision`); run() times ``steps`` steps after ``warmup`` and
+    returns {"step_s", "tokens_per_s"} (with ``breakdown``, also "forward_s" and "forward_backward_s")."""
+    model = Transformer(cfg, nnx.Rngs(0), Precision.named(precision))
     graphdef, params, bias = split_model(model)
     opt = make_optimizer(params, 1e-3, 1000)
     step = make_train_step(graphdef, opt, StepConfig(unroll_layers=unroll))
@@ -82,8 +87,9 @@ def prepare_dsv3(cfg, steps: int, warmup: int, windows: np.ndarray, breakdown: b
     return compile_s, run
 
 
-def prepare_transformers(cfg, steps: int, warmup: int, windows: np.ndarray):
-    """run() for transformers' model + torch AdamW on the same config: {"step_s", "tokens_per_s"}."""
+def prepare_transformers(cfg, steps: int, warmup: int, windows: np.ndarray, bf16: bool = False):
+    """run() for transformers' model + torch AdamW on the same config: {"step_s", "tokens_per_s"}; `bf16`: the
+    forward and the loss under torch.autocast(bfloat16) (float32 weights, gradients and AdamW)."""
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -98,8 +104,9 @@ def prepare_transformers(cfg, steps: int, warmup: int, windows: np.ndarray):
     tokens = ids.numel()
 
     def one_step():
-        logits = model(ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="small", help="model preset (small; tiny for a quick check)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both",
+                    help="fp32, bf16 (mixed precision on both sides), or both (default)")
     ap.add_argument("--scan-layers", action="store_true",
                     help="our step with the layer scans (the default of `dsv3 train`) instead of unrolled layers "
                          "(`dsv3 train --unroll-layers`, the faster one on the CPU)")
@@ -141,35 +150,49 @@ def main(argv: list[str] | None = None) -> None:
     batch, seq = args.batch, args.seq_len
     windows = np.random.default_rng(0).integers(0, full.vocab_size, (batch, seq + 1)).astype(np.int32)
     same = full.replace(num_mtp_layers=0)
-    peak = measure_peak_flops()
     unroll = not args.scan_layers
-    compile_s, ours = prepare_dsv3(same, args.steps, args.warmup, windows, breakdown=True, unroll=unroll)
-    _, ours_mtp = prepare_dsv3(full, args.steps, args.warmup, windows, unroll=unroll)
-    theirs = prepare_transformers(same, args.steps, args.warmup, windows)
-    runs = interleave({"dsv3": ours, "dsv3_mtp": ours_mtp, "transformers": theirs}, args.repeats)
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    prefix = {"fp32": "", "bf16": "bf16_"}
+    peaks = {p: measure_peak_flops(dtype=Precision.named(p).compute_dtype) for p in precisions}
+    runners, compile_s = {}, {}
+    for p in precisions:
+        compile_s[p], runners[prefix[p] + "dsv3"] = prepare_dsv3(same, args.steps, args.warmup, windows,
+                                                                 breakdown=True, unroll=unroll, precision=p)
+        _, runners[prefix[p] + "dsv3_mtp"] = prepare_dsv3(full, args.steps, args.warmup, windows, unroll=unroll,
+                                                          precision=p)
+        runners[prefix[p] + "transformers"] = prepare_transformers(same, args.steps, args.warmup, windows,
+                                                                   bf16=p == "bf16")
+    runs = interleave(runners, args.repeats)
     flops, flops_mtp = training_flops_per_token(same, seq, mtp=False), training_flops_per_token(full, seq)
-    rows = [{"dsv3_tokens_per_s": a["tokens_per_s"], "transformers_tokens_per_s": c["tokens_per_s"],
-             "ratio": a["tokens_per_s"] / c["tokens_per_s"], "mfu": a["tokens_per_s"] * flops / peak,
-             "dsv3_mtp_tokens_per_s": b["tokens_per_s"], "mfu_mtp": b["tokens_per_s"] * flops_mtp / peak,
-             "dsv3_step_s": a["step_s"], "dsv3_forward_s": a["forward_s"],
-             "dsv3_forward_backward_s": a["forward_backward_s"], "transformers_step_s": c["step_s"]}
-            for a, b, c in zip(runs["dsv3"], runs["dsv3_mtp"], runs["transformers"])]
-    s = summarize(rows)
-    print(f"{args.preset} preset, batch {batch} x {seq}, {jax.devices()[0].platform}, measured f32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s; " + header(state, args.repeats))
-    print(f"  dsv3-jax (no MTP, same work, layers {'unrolled' if unroll else 'scanned'}): "
-          f"{_fmt(s, 'dsv3_tokens_per_s', '.0f')} tokens/s  step {s['dsv3_step_s']:.3f} s  MFU {s['mfu']:.1%}  "
-          f"(compile {compile_s:.0f} s)")
-    print(f"    forward {s['dsv3_forward_s']:.3f} s, forward+backward {s['dsv3_forward_backward_s']:.3f} s, "
-          f"optimizer+bias+loss bookkeeping {s['dsv3_step_s'] - s['dsv3_forward_backward_s']:.3f} s")
-    print(f"  dsv3-jax (full recipe, MTP):  {_fmt(s, 'dsv3_mtp_tokens_per_s', '.0f')} tokens/s  MFU "
-          f"{s['mfu_mtp']:.1%}")
-    print(f"  transformers + torch AdamW:   {_fmt(s, 'transformers_tokens_per_s', '.0f')} tokens/s  step "
-          f"{s['transformers_step_s']:.3f} s")
-    print(f"  ratio (same work): {_fmt(s, 'ratio', '.2f')}x")
+    s, extra = {}, {}
+    print(f"{args.preset} preset, batch {batch} x {seq}, {jax.devices()[0].platform}; " + header(state, args.repeats))
+    for p in precisions:
+        x = prefix[p]
+        rows = [{"dsv3_tokens_per_s": a["tokens_per_s"], "transformers_tokens_per_s": c["tokens_per_s"],
+                 "ratio": a["tokens_per_s"] / c["tokens_per_s"], "mfu": a["tokens_per_s"] * flops / peaks[p],
+                 "dsv3_mtp_tokens_per_s": b["tokens_per_s"], "mfu_mtp": b["tokens_per_s"] * flops_mtp / peaks[p],
+                 "dsv3_step_s": a["step_s"], "dsv3_forward_s": a["forward_s"],
+                 "dsv3_forward_backward_s": a["forward_backward_s"], "transformers_step_s": c["step_s"]}
+                for a, b, c in zip(runs[x + "dsv3"], runs[x + "dsv3_mtp"], runs[x + "transformers"])]
+        r = summarize(rows)
+        s.update({x + k: v for k, v in r.items()})
+        extra.update({f"{x}compile_s": compile_s[p], f"{x}peak_flops": peaks[p]})
+        torch_side = "torch AdamW, autocast bf16" if p == "bf16" else "torch AdamW"
+        print(f" {p}: measured matmul peak {peaks[p] / 1e9:.0f} GFLOP/s")
+        print(f"  dsv3-jax (no MTP, same work, layers {'unrolled' if unroll else 'scanned'}): "
+              f"{_fmt(r, 'dsv3_tokens_per_s', '.0f')} tokens/s  step {r['dsv3_step_s']:.3f} s  MFU {r['mfu']:.1%}  "
+              f"(compile {compile_s[p]:.0f} s)")
+        print(f"    forward {r['dsv3_forward_s']:.3f} s, forward+backward {r['dsv3_forward_backward_s']:.3f} s, "
+              f"optimizer+bias+loss bookkeeping {r['dsv3_step_s'] - r['dsv3_forward_backward_s']:.3f} s")
+        print(f"  dsv3-jax (full recipe, MTP):  {_fmt(r, 'dsv3_mtp_tokens_per_s', '.0f')} tokens/s  MFU "
+              f"{r['mfu_mtp']:.1%}")
+        print(f"  transformers + {torch_side}: {_fmt(r, 'transformers_tokens_per_s', '.0f')} tokens/s  step "
+              f"{r['transformers_step_s']:.3f} s")
+        print(f"  ratio (same work, {p}): {_fmt(r, 'ratio', '.2f')}x")
     if args.json:
-        print(json.dumps({**s, "compile_s": compile_s, "preset": args.preset, "batch": batch, "seq_len": seq,
-                          "steps": args.steps, "repeats": args.repeats, "unroll_layers": unroll, **state}))
+        print(json.dumps({**s, **extra, "preset": args.preset, "batch": batch, "seq_len": seq, "steps": args.steps,
+                          "repeats": args.repeats, "unroll_layers": unroll, "precisions": list(precisions),
+                          **state}))
 
 
 if __name__ == "__main__":

@@ -35,9 +35,10 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -
 
 
 def measure_peak_flops(n: int = 1024, dtype=jnp.float32, reps: int = 8) -> float:
-    """FLOP/s of an n x n x n matmul on the default device (the best of `reps` runs after a warm-up)."""
+    """FLOP/s of an n x n x n matmul in `dtype` with float32 accumulation (as the model's products run:
+    dsv3_jax.model.dense) on the default device (the best of `reps` runs after a warm-up)."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(reps):
