@@ -244,21 +244,20 @@ def _capacity_tiled_matmul_bwd(tile, capacity, res, g_PF):
     e, f32 = w_EDF.shape[0], jnp.float32
     x_ECD, x_SD = _split(x_PD, e, capacity)
     g_ECF, g_SF = _split(g_PF, e, capacity)
-    wt_EFD = mT(w_EDF)
     dw_EDF = matmul(mT(x_ECD), g_ECF, f32)  # zeros at capacity 0
 
     def body(n, carry):
         dx_SD, dw_EDF = carry
         x_TD, g_TF = _take(x_SD, n * tile, tile), _take(g_SF, n * tile, tile)
         acc = _take(dw_EDF, owner_N[n]) + matmul(mT(x_TD), g_TF, f32)
-        dx_SD = _put(dx_SD, matmul(g_TF, _take(wt_EFD, owner_N[n]), x_SD.dtype), n * tile)
+        dx_SD = _put(dx_SD, matmul(g_TF, mT(_take(w_EDF, owner_N[n])), x_SD.dtype), n * tile)
         return dx_SD, _put(dw_EDF, acc, owner_N[n], index=True)
 
     dx_SD, dtype = as_bits(jnp.zeros(x_SD.shape, x_PD.dtype))
     dx_SD, dw_EDF = jax.lax.fori_loop(0, used, body, (dx_SD, dw_EDF))
     dx_SD = from_bits(dx_SD, dtype)
     if capacity:
-        dx_SD = jnp.concatenate([matmul(g_ECF, wt_EFD, dx_SD.dtype).reshape(e * capacity, -1), dx_SD])
+        dx_SD = jnp.concatenate([matmul(g_ECF, mT(w_EDF), dx_SD.dtype).reshape(e * capacity, -1), dx_SD])
     float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
     return dx_SD, dw_EDF.astype(w_EDF.dtype), float0(owner_N), float0(used)
 
