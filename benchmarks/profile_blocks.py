@@ -2,7 +2,7 @@
 step under `jax.profiler`, maps every XLA op it executed to the named scope of the model code it came from
 (attention core and projections, router, dispatch, expert GEMMs, combine, shared experts, dense MLP, head, loss,
 optimizer; forward and backward apart) and prints per block the op time per step, its share, the FLOPs the block
-executes and the achieved GFLOP/s against the measured f32 matmul peak.
+executes and the achieved GFLOP/s against the measured matmul peak in the compute dtype (f32 accumulation).
 
 Op times are the summed durations of the leaf ops (the bodies of loops and conditionals, not the loops), so
 they add up to the CPU time spent in XLA ops, across threads. A trace costs some time itself: compare blocks within
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     step_s = (time.perf_counter() - t) / args.steps
     top: dict = {}
     times = profile(fn, fargs, args.steps, top)
-    peak = measure_peak_flops()
+    peak = measure_peak_flops(dtype=Precision.named(args.precision).compute_dtype)
     tokens = args.batch * (1 if decode else args.seq_len)
     flops = block_flops(cfg, tokens, args.seq_len + (1 if decode else 0), decode)
     total = sum(times.values())
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                      "of_peak": fl / (fwd + bwd) / peak if fl else None})
     print(f"{args.mode} step, {args.preset} preset, {args.precision}, batch {args.batch} x {args.seq_len}: "
           f"{step_s * 1e3:.1f} ms per "
-          f"step; XLA ops {total * 1e3:.1f} ms (summed over threads); f32 matmul peak {peak / 1e9:.0f} GFLOP/s"
+          f"step; XLA ops {total * 1e3:.1f} ms (summed over threads); {args.precision} matmul peak {peak / 1e9:.0f} GFLOP/s"
           + ("" if state["quiet"] else f"; BUSY machine (load {state['load_average']:.1f})"))
     print(f"  {'block':16s} {'fwd ms':>8s} {'bwd ms':>8s} {'share':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for r in rows:
