@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  registers float8_e4m3fn with NumPy for weight_dequant_np
 import numpy as np
 
+from dsv3_jax.model.dense import contract_2d
 from dsv3_jax.residuals import as_bits, from_bits
 
 E4M3_MAX = 448.0
@@ -280,11 +281,7 @@ fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 
 def fp8_dense(x, w, n_in: int = 1, scale_fmt: Optional[str] = None):
     """fp8_linear contracting the last ``n_in`` axes of x with the first ``n_in`` of w ([in..., out...] layout)."""
-    if not 1 <= n_in < w.ndim or x.shape[x.ndim - n_in:] != w.shape[:n_in]:
-        raise ValueError(f"fp8_dense: cannot contract the last {n_in} axes of x {x.shape} with w {w.shape}")
-    k = int(np.prod(w.shape[:n_in]))
-    y = fp8_linear(x.reshape(*x.shape[:x.ndim - n_in], k), w.reshape(k, -1), scale_fmt)
-    return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
+    return contract_2d("fp8_dense", lambda a, b: fp8_linear(a, b, scale_fmt), x, w, n_in)
 
 
 def _gather_rows(q_TD, s_Td, src_P):

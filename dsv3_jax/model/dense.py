@@ -29,15 +29,27 @@ from dsv3_jax.residuals import as_bits, from_bits
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
     """x [..., in...] contracted with w [in..., out...] over the last `n_in` axes of x and the first `n_in` of w,
     in x's dtype (w is cast to it); the result in `out_dtype` (default x's dtype: float32 for the logits)."""
-    lead, ins, outs = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
-    if not 1 <= n_in < w.ndim or ins != w.shape[:n_in]:
-        raise ValueError(f"dense: cannot contract the last {n_in} axes of x {x.shape} with w {w.shape}")
-    if not _bf16_cpu(x):
-        dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
-        return jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=out_dtype)
-    k = math.prod(ins)
-    y = _bf16_matmul(x.reshape(-1, k), w.reshape(k, -1), jnp.dtype(out_dtype or x.dtype))
-    return y.reshape(*lead, *outs)
+    if _bf16_cpu(x):
+        out = jnp.dtype(out_dtype or x.dtype)
+        return contract_2d("dense", lambda a, b: _bf16_matmul(a, b, out), x, w, n_in)
+    _check_contraction("dense", x, w, n_in)
+    dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+    return jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=out_dtype)
+
+
+def contract_2d(name: str, linear, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """`linear` ([M, K], [K, N]) -> [M, N] applied to x [..., in...] and w [in..., out...] flattened to 2-D (the
+    last `n_in` axes of x and the first `n_in` of w contracted), the result as [..., out...]; a ValueError naming
+    `name` when those axes differ."""
+    _check_contraction(name, x, w, n_in)
+    k = math.prod(w.shape[:n_in])
+    y = linear(x.reshape(-1, k), w.reshape(k, -1))
+    return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
+
+
+def _check_contraction(name: str, x: jax.Array, w: jax.Array, n_in: int) -> None:
+    if not 1 <= n_in < w.ndim or x.shape[x.ndim - n_in:] != w.shape[:n_in]:
+        raise ValueError(f"{name}: cannot contract the last {n_in} axes of x {x.shape} with w {w.shape}")
 
 
 def _bf16_cpu(a: jax.Array) -> bool:
